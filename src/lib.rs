@@ -2,7 +2,10 @@
 //! (Crate docs are being written with the engine.)
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod capi;
 mod heap;
+#[cfg(feature = "lab")]
+pub mod lab;
 mod scode;
 mod stats;
 

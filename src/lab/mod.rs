@@ -1,0 +1,1 @@
+//! The strategy lab: peer strategies, provider workloads and the report (being built).
