@@ -1,210 +1,271 @@
-//! PLACEHOLDER so that parallel work compiles: the real engine replaces this file.
-//! System allocator, a 16-byte header, a CAS-linked chain, minimal validation.
-#![allow(clippy::undocumented_unsafe_blocks, missing_docs)]
+//! The safe Rust API: [`Heap`], the process-wide [`default_heap`], and the RAII [`Root`].
+//!
+//! A `Heap` finds the calling thread's cache for it in a thread-local list (one entry per heap
+//! the thread has used, most threads have one) and runs the call there. Thread exit drops the
+//! thread's caches, which abandons their pages to the heap. If a call comes in after the
+//! thread-local list is gone (from another thread-local's destructor), it runs on a temporary
+//! cache that is released at once.
 
-use crate::{Scode, Stats};
-use std::alloc::{alloc, dealloc, Layout};
+use crate::scode::Scode;
+use crate::stats::Stats;
+use crate::sync::{thread_local, Arc, Ordering};
+use crate::thread_cache::{FreeOutcome, Shared, ThreadCache};
+use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::OnceLock;
 
-/// What `free_buffer` did with a pointer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FreeOutcome {
-    /// NULL: nothing touched.
-    Null,
-    /// The root and its chain were freed.
-    Freed,
-    /// The root was already freed (or another thread won the race to free it).
-    DoubleFree,
-    /// A linked block: nothing freed.
-    LinkedBlock,
-    /// Not a block start of this heap: nothing touched.
-    Foreign,
+thread_local! {
+    /// This thread's caches, one per heap it has used.
+    static CACHES: RefCell<Vec<ThreadCache>> = const { RefCell::new(Vec::new()) };
 }
 
-const ROOT: usize = 1;
-const LINKED: usize = 2;
-const FREED: usize = 3;
-const CLOSED: usize = 1;
-
-#[repr(C)]
-struct Header {
-    link: AtomicUsize,
-    kind: AtomicUsize,
-}
-
-/// An isolated allocator (placeholder).
+/// An isolated MAPI allocator: its own pages, epoch collector and counters.
+///
+/// Every method may be called from any thread, on any root, at any time. Memory handed out
+/// stays valid until its root is freed or the heap is dropped.
+///
+/// ```
+/// use mapialloc::{FreeOutcome, Heap};
+///
+/// let heap = Heap::new();
+/// let root = heap.allocate_buffer(320)?;
+/// let name = heap.allocate_more(24, root.as_ptr())?;
+/// assert_eq!(name.as_ptr() as usize % 16, 0);
+/// // SAFETY: `root` came from `heap`, and neither block is used after this.
+/// assert_eq!(unsafe { heap.free_buffer(root.as_ptr()) }, FreeOutcome::Freed);
+/// assert_eq!(heap.stats().live_blocks, 0);
+/// # Ok::<(), mapialloc::Scode>(())
+/// ```
 pub struct Heap {
-    live_roots: AtomicU64,
-    live_blocks: AtomicU64,
-    double_frees: AtomicU64,
-    linked_frees: AtomicU64,
-    bad_parents: AtomicU64,
-}
-
-fn raw_alloc(size: usize, kind: usize) -> Result<NonNull<u8>, Scode> {
-    let total = size.checked_add(16).ok_or(Scode::MAPI_E_NOT_ENOUGH_MEMORY)?;
-    if total > u32::MAX as usize {
-        return Err(Scode::MAPI_E_NOT_ENOUGH_MEMORY);
-    }
-    let layout = Layout::from_size_align(total + 16, 16).unwrap();
-    let p = unsafe { alloc(layout) };
-    if p.is_null() {
-        return Err(Scode::MAPI_E_NOT_ENOUGH_MEMORY);
-    }
-    unsafe {
-        (p as *mut usize).write(total + 16);
-        let h = p.add(16) as *mut Header;
-        h.write(Header { link: AtomicUsize::new(0), kind: AtomicUsize::new(kind) });
-        Ok(NonNull::new_unchecked(p.add(32)))
-    }
-}
-
-unsafe fn raw_free(user: *mut u8) {
-    unsafe {
-        let base = user.sub(32);
-        let total = (base as *mut usize).read();
-        dealloc(base, Layout::from_size_align(total, 16).unwrap());
-    }
-}
-
-fn header(p: *mut u8) -> &'static Header {
-    unsafe { &*(p.sub(16) as *const Header) }
+    shared: Arc<Shared>,
 }
 
 impl Default for Heap {
     fn default() -> Self {
-        Self::new()
+        Heap::new()
+    }
+}
+
+impl std::fmt::Debug for Heap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heap")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
 impl Heap {
+    /// Creates an empty heap. It maps nothing until the first allocation.
     pub fn new() -> Heap {
         Heap {
-            live_roots: AtomicU64::new(0),
-            live_blocks: AtomicU64::new(0),
-            double_frees: AtomicU64::new(0),
-            linked_frees: AtomicU64::new(0),
-            bad_parents: AtomicU64::new(0),
+            shared: Arc::new(Shared::new()),
         }
     }
+
+    /// Runs `f` on this thread's cache for this heap.
+    #[inline]
+    fn with_cache<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> R {
+        let mut f = Some(f);
+        let run = |caches: &RefCell<Vec<ThreadCache>>| {
+            let mut caches = caches.borrow_mut();
+            let index = match caches
+                .iter()
+                .position(|c| Arc::ptr_eq(c.shared(), &self.shared))
+            {
+                Some(i) => i,
+                None => {
+                    // Caches of heaps dropped elsewhere let go here, on this thread's next miss.
+                    caches.retain(|c| !c.shared().dropped.load(Ordering::Relaxed));
+                    caches.push(ThreadCache::new(self.shared.clone()));
+                    caches.len() - 1
+                }
+            };
+            (f.take().expect("called once"))(&mut caches[index])
+        };
+        match CACHES.try_with(run) {
+            Ok(r) => r,
+            // The thread-local is being torn down: use a cache for this call only.
+            Err(_) => (f.take().expect("not run yet"))(&mut ThreadCache::new(self.shared.clone())),
+        }
+    }
+
+    /// `MAPIAllocateBuffer`: a new root of `size` bytes (uninitialised), 16-byte aligned.
+    ///
+    /// `size == 0` gives a unique pointer that can be freed and linked to like any other.
+    ///
+    /// # Errors
+    /// `MAPI_E_NOT_ENOUGH_MEMORY` when `size` exceeds [`MAX_BUFFER_SIZE`](crate::MAX_BUFFER_SIZE)
+    /// or the OS refuses memory.
+    #[inline]
     pub fn allocate_buffer(&self, size: usize) -> Result<NonNull<u8>, Scode> {
-        let p = raw_alloc(size, ROOT)?;
-        self.live_roots.fetch_add(1, Relaxed);
-        self.live_blocks.fetch_add(1, Relaxed);
-        Ok(p)
+        self.with_cache(|c| c.allocate_buffer(size))
     }
+
+    /// `MAPIAllocateMore`: `size` bytes (uninitialised, 16-byte aligned) linked to the root
+    /// `parent`, freed when `parent` is freed. O(1) whatever the chain's length, and any number
+    /// of threads may link to one root at once.
+    ///
+    /// # Errors
+    /// `MAPI_E_INVALID_PARAMETER` (counted in [`Stats::bad_parents`]) when `parent` is NULL,
+    /// not a block of this heap, a linked block, or a root already freed; if the root is freed
+    /// while this call runs, the new block is either freed with the chain or given back and the
+    /// call fails. `MAPI_E_NOT_ENOUGH_MEMORY` as for [`allocate_buffer`](Heap::allocate_buffer).
+    #[inline]
     pub fn allocate_more(&self, size: usize, parent: *mut u8) -> Result<NonNull<u8>, Scode> {
-        if parent.is_null() || header(parent).kind.load(Acquire) != ROOT {
-            self.bad_parents.fetch_add(1, Relaxed);
-            return Err(Scode::MAPI_E_INVALID_PARAMETER);
-        }
-        let b = raw_alloc(size, LINKED)?;
-        let root = header(parent);
-        let mut h = root.link.load(Acquire);
-        loop {
-            if h & CLOSED != 0 {
-                unsafe { raw_free(b.as_ptr()) };
-                self.bad_parents.fetch_add(1, Relaxed);
-                return Err(Scode::MAPI_E_INVALID_PARAMETER);
-            }
-            header(b.as_ptr()).link.store(h, Relaxed);
-            match root.link.compare_exchange(h, b.as_ptr() as usize, AcqRel, Acquire) {
-                Ok(_) => break,
-                Err(x) => h = x,
-            }
-        }
-        self.live_blocks.fetch_add(1, Relaxed);
-        Ok(b)
+        self.with_cache(|c| c.allocate_more(size, parent))
     }
+
+    /// `MAPIFreeBuffer`: frees the root `ptr` and every block linked to it, without taking a
+    /// lock. NULL, linked blocks, double frees and pointers that are not block starts of this
+    /// heap free nothing; all but NULL are counted in [`Stats`].
+    ///
     /// # Safety
-    /// `ptr` is NULL or came from this heap; memory of freed blocks is not used afterwards.
+    /// No block of the chain is used after the call. A pointer freed before whose address has
+    /// been handed out again cannot be told from the new block: freeing it frees the new one.
+    #[inline]
     pub unsafe fn free_buffer(&self, ptr: *mut u8) -> FreeOutcome {
-        if ptr.is_null() {
-            return FreeOutcome::Null;
-        }
-        let h = header(ptr);
-        match h.kind.compare_exchange(ROOT, FREED, AcqRel, Acquire) {
-            Ok(_) => {}
-            Err(LINKED) => {
-                self.linked_frees.fetch_add(1, Relaxed);
-                return FreeOutcome::LinkedBlock;
-            }
-            Err(_) => {
-                self.double_frees.fetch_add(1, Relaxed);
-                return FreeOutcome::DoubleFree;
-            }
-        }
-        let mut cur = h.link.swap(CLOSED, AcqRel);
-        let mut n = 1;
-        while cur != 0 {
-            let next = header(cur as *mut u8).link.load(Relaxed);
-            unsafe { raw_free(cur as *mut u8) };
-            n += 1;
-            cur = next;
-        }
-        // Placeholder leaks the root header so double frees stay detectable.
-        self.live_roots.fetch_sub(1, Relaxed);
-        self.live_blocks.fetch_sub(n, Relaxed);
-        FreeOutcome::Freed
+        self.with_cache(|c| c.free_buffer(ptr))
     }
+
+    /// The heap's counters, summed over its threads.
     pub fn stats(&self) -> Stats {
-        Stats {
-            live_roots: self.live_roots.load(Relaxed),
-            live_blocks: self.live_blocks.load(Relaxed),
-            double_frees: self.double_frees.load(Relaxed),
-            linked_frees: self.linked_frees.load(Relaxed),
-            bad_parents: self.bad_parents.load(Relaxed),
-            ..Stats::default()
-        }
+        self.shared
+            .stats
+            .snapshot(self.shared.reclaim.committed.get())
     }
-    pub fn collect(&self) {}
-    pub fn release_thread_cache(&self) {}
+
+    /// Gives idle memory back: adopts pages of exited threads, returns the calling thread's
+    /// empty pages to the pool (decommitting past a small bound) and lets the epoch advance
+    /// so that deferred returns run. Other threads' caches are left alone.
+    pub fn collect(&self) {
+        self.with_cache(|c| c.collect());
+    }
+
+    /// What thread exit does, now: the calling thread's cache for this heap lets go of its
+    /// pages (empty ones to the pool, the others abandoned for another thread to adopt).
+    pub fn release_thread_cache(&self) {
+        let _ = CACHES.try_with(|caches| {
+            let released: Vec<ThreadCache> = {
+                let mut caches = caches.borrow_mut();
+                let (mine, others) = std::mem::take(&mut *caches)
+                    .into_iter()
+                    .partition(|c| Arc::ptr_eq(c.shared(), &self.shared));
+                *caches = others;
+                mine
+            };
+            drop(released);
+        });
+    }
 }
 
+impl Drop for Heap {
+    fn drop(&mut self) {
+        self.shared.dropped.store(true, Ordering::Relaxed);
+        self.release_thread_cache();
+    }
+}
+
+/// The process-wide heap that the C exports serve.
+#[cfg(not(loom))]
 pub fn default_heap() -> &'static Heap {
-    static H: OnceLock<Heap> = OnceLock::new();
-    H.get_or_init(Heap::new)
+    static DEFAULT: std::sync::OnceLock<Heap> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(Heap::new)
 }
 
-/// RAII root (placeholder).
+/// A root that frees its chain when dropped: the safe API for Rust providers.
+///
+/// Linked memory borrows the root, so it cannot outlive it. A `Root` may be sent to another
+/// thread and dropped there, and shared between threads that link to it at once.
+///
+/// ```
+/// use mapialloc::{Heap, Root};
+///
+/// let heap = Heap::new();
+/// let mut props = Root::new(&heap, 320)?;
+/// let name = props.alloc_more(24)?;
+/// name[..5].copy_from_slice(b"Alice");
+/// props.as_mut_slice()[0] = 1;
+/// drop(props); // frees the array and the string in one call
+/// assert_eq!(heap.stats().live_blocks, 0);
+/// # Ok::<(), mapialloc::Scode>(())
+/// ```
 pub struct Root<'h> {
     heap: &'h Heap,
     ptr: NonNull<u8>,
     len: usize,
-    _p: PhantomData<&'h mut [u8]>,
+    _owns: PhantomData<[u8]>,
 }
+
+// SAFETY: a root may be freed and linked to from any thread; the bytes it owns are plain data.
+unsafe impl Send for Root<'_> {}
+// SAFETY: `&Root` only links (thread-safe in the engine) or reads the pointer and length.
+unsafe impl Sync for Root<'_> {}
+
 impl<'h> Root<'h> {
+    /// Allocates a zeroed root of `len` bytes on `heap`.
+    ///
+    /// # Errors
+    /// As [`Heap::allocate_buffer`].
     pub fn new(heap: &'h Heap, len: usize) -> Result<Root<'h>, Scode> {
         let ptr = heap.allocate_buffer(len)?;
+        // SAFETY: the block is ours and at least `len` bytes long.
         unsafe { ptr.as_ptr().write_bytes(0, len) };
-        Ok(Root { heap, ptr, len, _p: PhantomData })
+        Ok(Root {
+            heap,
+            ptr,
+            len,
+            _owns: PhantomData,
+        })
     }
-    #[allow(clippy::mut_from_ref)]
+
+    /// Allocates `len` zeroed bytes linked to this root, living as long as it.
+    ///
+    /// # Errors
+    /// As [`Heap::allocate_more`].
+    #[allow(clippy::mut_from_ref)] // each call returns fresh memory, like bumpalo's `alloc`
     pub fn alloc_more(&self, len: usize) -> Result<&mut [u8], Scode> {
-        let p = self.heap.allocate_more(len, self.ptr.as_ptr())?;
+        let ptr = self.heap.allocate_more(len, self.ptr.as_ptr())?;
+        // SAFETY: the block is new, ours, `len` bytes long and freed only with `self`, which
+        // the returned borrow cannot outlive.
         unsafe {
-            p.as_ptr().write_bytes(0, len);
-            Ok(std::slice::from_raw_parts_mut(p.as_ptr(), len))
+            ptr.as_ptr().write_bytes(0, len);
+            Ok(std::slice::from_raw_parts_mut(ptr.as_ptr(), len))
         }
     }
+
+    /// The root's own bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the root block is ours, `len` bytes long and initialised (zeroed in `new`).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The root's pointer, as MAPI calls see it.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
+
+    /// The root's own length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
+
+    /// Whether the root's own length is zero.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Gives up ownership: the chain is no longer freed on drop (free it with
+    /// [`Heap::free_buffer`]).
+    pub fn into_raw(self) -> NonNull<u8> {
+        let ptr = self.ptr;
+        std::mem::forget(self);
+        ptr
+    }
 }
+
 impl Drop for Root<'_> {
     fn drop(&mut self) {
+        // SAFETY: we own the root; borrows of its linked memory ended before the drop.
         unsafe { self.heap.free_buffer(self.ptr.as_ptr()) };
     }
 }

@@ -1,0 +1,324 @@
+//! Pages (slabs): block carving and the sharded free lists, after mimalloc.
+//!
+//! A page serves blocks of one size class for one owning thread cache. The owner pops `free`,
+//! pushes frees of its own blocks to `local_free`, and when both run dry takes the whole atomic
+//! `thread_free` list, which other threads push to, with one swap. Free blocks are linked
+//! through their first user word; their headers stay `CLOSED`/`FREE` (see `chain`).
+//!
+//! Invariant, at any point where the owner is not inside a page call:
+//! `used + |free| + |local_free| == reserved <= capacity`, and every block on `thread_free` is
+//! counted in `used` (it is only uncounted when the owner drains it). `check_invariant` verifies
+//! it in debug builds.
+//!
+//! Owner-only fields are atomics accessed with `Relaxed` (plain loads and stores on every
+//! target we run on) so that ownership can move between threads (abandon, adopt) through the
+//! Release/Acquire edges of the stacks in `reclaim`, without `UnsafeCell`.
+//!
+//! Locked instructions: pop and local push none; a remote batch push one CAS per attempt; a
+//! drain one swap.
+
+use crate::chain::{Header, HEADER_SIZE};
+use crate::segment::{PAGE_MAX_BLOCKS, PAGE_SIZE};
+use crate::size_class::block_size;
+use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
+use std::ptr;
+
+/// Blocks carved at once when the free lists run dry (touching memory lazily, like a bump).
+const CARVE_BATCH: usize = 16;
+
+/// A page descriptor. Lives in a `SmallSegment` for the heap's whole life.
+pub(crate) struct Page {
+    /// First byte of the page's memory.
+    area: usize,
+    /// Block size of the class being served (0 before first use).
+    block_size: AtomicUsize,
+    /// Blocks carved so far. Release on carve, Acquire in validators.
+    reserved: AtomicUsize,
+    /// The class, for the owner's bookkeeping.
+    class: AtomicUsize,
+    /// Owner-only: blocks ready to hand out.
+    free: AtomicPtr<Header>,
+    /// Owner-only: blocks the owner freed since the last refill.
+    local_free: AtomicPtr<Header>,
+    /// Owner-only: blocks handed out and not yet back on `free`/`local_free`.
+    used: AtomicUsize,
+    /// Owner-only: the page's index in its owner's class list.
+    slot: AtomicUsize,
+    /// Id of the owning thread cache; 0 while abandoned or pooled.
+    owner: AtomicUsize,
+    /// Blocks freed by other threads, pushed with a CAS and taken whole by the owner.
+    thread_free: AtomicPtr<Header>,
+    /// Link in the pool or abandoned stack (see `reclaim`).
+    pub(crate) next: AtomicPtr<Page>,
+    /// Whether the page's memory is committed (for accounting; owner or stack holder only).
+    committed: AtomicUsize,
+}
+
+/// Reads the free-list link stored in a free block's first user word.
+///
+/// # Safety
+/// `block` is a free block owned by the caller (on one of its lists).
+#[inline]
+unsafe fn next_of(block: *const Header) -> *mut Header {
+    // SAFETY: free blocks hold their link in their first user word (always >= 16 bytes), and
+    // the caller owns the block, so nothing else writes it.
+    unsafe { ((*block).user() as *const *mut Header).read() }
+}
+
+/// Writes the free-list link of a free block.
+///
+/// # Safety
+/// `block` is a free block owned by the caller.
+#[inline]
+unsafe fn set_next(block: *const Header, next: *mut Header) {
+    // SAFETY: as in `next_of`.
+    unsafe { ((*block).user() as *mut *mut Header).write(next) };
+}
+
+impl Page {
+    pub(crate) fn new(area: usize) -> Page {
+        Page {
+            area,
+            block_size: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
+            class: AtomicUsize::new(0),
+            free: AtomicPtr::new(ptr::null_mut()),
+            local_free: AtomicPtr::new(ptr::null_mut()),
+            used: AtomicUsize::new(0),
+            slot: AtomicUsize::new(0),
+            owner: AtomicUsize::new(0),
+            thread_free: AtomicPtr::new(ptr::null_mut()),
+            next: AtomicPtr::new(ptr::null_mut()),
+            committed: AtomicUsize::new(0),
+        }
+    }
+
+    /// Prepares a free page (owned by the caller) to serve `class` for cache `owner`.
+    pub(crate) fn init(&self, class: usize, owner: usize) {
+        debug_assert!(self.thread_free.load(Ordering::Relaxed).is_null());
+        self.reserved.store(0, Ordering::Relaxed);
+        // Release: a validator that sees the new block size (Acquire) also sees `reserved` reset.
+        self.block_size.store(block_size(class), Ordering::Release);
+        self.class.store(class, Ordering::Relaxed);
+        self.free.store(ptr::null_mut(), Ordering::Relaxed);
+        self.local_free.store(ptr::null_mut(), Ordering::Relaxed);
+        self.used.store(0, Ordering::Relaxed);
+        self.owner.store(owner, Ordering::Relaxed);
+    }
+
+    pub(crate) fn class(&self) -> usize {
+        self.class.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn owner(&self) -> usize {
+        self.owner.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_owner(&self, owner: usize) {
+        self.owner.store(owner, Ordering::Relaxed);
+    }
+
+    pub(crate) fn slot(&self) -> usize {
+        self.slot.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_slot(&self, slot: usize) {
+        self.slot.store(slot, Ordering::Relaxed);
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn area(&self) -> *mut u8 {
+        self.area as *mut u8
+    }
+
+    /// Marks the memory committed; returns whether it was not before.
+    pub(crate) fn mark_committed(&self, committed: bool) -> bool {
+        self.committed.swap(committed as usize, Ordering::Relaxed) != committed as usize
+    }
+
+    pub(crate) fn is_committed(&self) -> bool {
+        self.committed.load(Ordering::Relaxed) != 0
+    }
+
+    #[allow(clippy::unnecessary_min_or_max)] // PAGE_MAX_BLOCKS only bites in loom's config
+    fn capacity(&self) -> usize {
+        (PAGE_SIZE / self.block_size.load(Ordering::Relaxed)).min(PAGE_MAX_BLOCKS)
+    }
+
+    /// The header of the block whose user pointer is `user`, if `user` is exactly the user
+    /// pointer of a block carved in this page (for any thread; never reads block memory).
+    #[inline]
+    pub(crate) fn block_at(&self, user: usize) -> Option<&Header> {
+        // Acquire: pairs with the Release in `init`/`carve`, so the size and count agree with
+        // the headers they describe.
+        let size = self.block_size.load(Ordering::Acquire);
+        let offset = user.checked_sub(self.area + HEADER_SIZE)?;
+        if size == 0 || offset % size != 0 || offset / size >= self.reserved.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        // SAFETY: block `offset / size` was carved, so its header was written and the page's
+        // memory stays mapped while the heap lives.
+        Some(unsafe { &*Header::of_user(user) })
+    }
+
+    /// Owner: pops a free block.
+    #[inline]
+    pub(crate) fn pop(&self) -> Option<&Header> {
+        let block = self.free.load(Ordering::Relaxed);
+        if block.is_null() {
+            return None;
+        }
+        // SAFETY: `block` is on the owner's `free` list.
+        self.free
+            .store(unsafe { next_of(block) }, Ordering::Relaxed);
+        self.used
+            .store(self.used.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        // SAFETY: blocks on the free list are carved blocks of this page.
+        Some(unsafe { &*block })
+    }
+
+    /// Owner: refills `free` from `local_free`, `thread_free`, or fresh memory, in that order.
+    /// Returns whether `free` has a block now.
+    #[cold]
+    pub(crate) fn refill(&self) -> bool {
+        debug_assert!(self.free.load(Ordering::Relaxed).is_null());
+        let local = self.local_free.swap(ptr::null_mut(), Ordering::Relaxed);
+        if !local.is_null() {
+            self.free.store(local, Ordering::Relaxed);
+            return true;
+        }
+        if self.drain_thread_free() > 0 {
+            return true;
+        }
+        self.carve()
+    }
+
+    /// Owner: moves `thread_free` to `free` (which must be empty); returns the count.
+    pub(crate) fn drain_thread_free(&self) -> usize {
+        if self.thread_free.load(Ordering::Relaxed).is_null() {
+            return 0;
+        }
+        // Acquire: pairs with the Release CAS in `push_remote`, so the links are visible.
+        let head = self.thread_free.swap(ptr::null_mut(), Ordering::Acquire);
+        let mut count = 0;
+        let mut tail = head;
+        while !tail.is_null() {
+            count += 1;
+            // SAFETY: the drained list belongs to the owner now.
+            let next = unsafe { next_of(tail) };
+            if next.is_null() {
+                // SAFETY: as above.
+                unsafe { set_next(tail, self.free.load(Ordering::Relaxed)) };
+                break;
+            }
+            tail = next;
+        }
+        if count > 0 {
+            self.free.store(head, Ordering::Relaxed);
+            self.used
+                .store(self.used.load(Ordering::Relaxed) - count, Ordering::Relaxed);
+        }
+        count
+    }
+
+    /// Owner: carves up to `CARVE_BATCH` never-used blocks onto `free`.
+    fn carve(&self) -> bool {
+        let size = self.block_size.load(Ordering::Relaxed);
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        let end = self.capacity().min(reserved + CARVE_BATCH);
+        if reserved == end {
+            return false;
+        }
+        let class = self.class() as u8;
+        let mut next = ptr::null_mut();
+        for i in (reserved..end).rev() {
+            let block = (self.area + i * size) as *mut Header;
+            // SAFETY: block `i` lies inside this page (i < capacity) and has never been handed
+            // out, so the owner may initialise it.
+            unsafe {
+                block.write(Header::new_free(class));
+                set_next(block, next);
+            }
+            next = block;
+        }
+        self.free.store(next, Ordering::Relaxed);
+        // Release: pairs with the Acquire in `block_at`: validators only read written headers.
+        self.reserved.store(end, Ordering::Release);
+        true
+    }
+
+    /// Owner: gives back one of this page's blocks (its header already `finish`ed). Returns
+    /// whether the page is now empty.
+    #[inline]
+    pub(crate) fn push_local(&self, block: &Header) -> bool {
+        // SAFETY: the caller owns the block it is giving back.
+        unsafe { set_next(block, self.local_free.load(Ordering::Relaxed)) };
+        self.local_free
+            .store(block as *const Header as *mut Header, Ordering::Relaxed);
+        let used = self.used.load(Ordering::Relaxed) - 1;
+        self.used.store(used, Ordering::Relaxed);
+        used == 0
+    }
+
+    /// Any thread: pushes the list `first ..= last` (linked with `link_blocks`) of this page's
+    /// blocks to `thread_free` with one CAS.
+    ///
+    /// # Safety
+    /// The caller owns every block of the list, and they all belong to this page.
+    pub(crate) unsafe fn push_remote(&self, first: *const Header, last: *const Header) {
+        let mut head = self.thread_free.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: the caller owns `last`.
+            unsafe { set_next(last, head) };
+            // Release: pairs with the Acquire swap in `drain_thread_free`.
+            match self.thread_free.compare_exchange_weak(
+                head,
+                first as *mut Header,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(seen) => head = seen,
+            }
+        }
+    }
+
+    /// Debug check of the page invariant (owner only; walks the owner's lists).
+    pub(crate) fn check_invariant(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let count = |mut b: *mut Header| {
+            let mut n = 0;
+            while !b.is_null() {
+                n += 1;
+                // SAFETY: the owner's lists hold free blocks it owns.
+                b = unsafe { next_of(b) };
+            }
+            n
+        };
+        let free = count(self.free.load(Ordering::Relaxed));
+        let local = count(self.local_free.load(Ordering::Relaxed));
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        debug_assert_eq!(
+            self.used() + free + local,
+            reserved,
+            "page invariant broken"
+        );
+        debug_assert!(reserved <= self.capacity());
+    }
+}
+
+/// Links `block` after `prev` in a list being built for `push_remote`.
+///
+/// # Safety
+/// The caller owns both blocks.
+#[inline]
+pub(crate) unsafe fn link_blocks(prev: *const Header, block: *const Header) {
+    // SAFETY: the caller owns `prev`.
+    unsafe { set_next(prev, block as *mut Header) };
+}

@@ -1,0 +1,550 @@
+//! The per-thread heap: a current page per size class, the allocation fast path and its cold
+//! refill, the free path (chain walk, local or batched remote returns), and thread exit.
+//!
+//! A `ThreadCache` belongs to one thread and one heap. It owns the pages on its class lists:
+//! only it pops, pushes locally, drains and re-initialises them. Other threads touch its pages
+//! only through `Page::push_remote`. When the thread exits (or calls `release`), pages with no
+//! live block go back to the pool and the rest are abandoned: remote frees keep landing on
+//! them, and the next thread that refills (or collects) adopts them.
+//!
+//! Locked instructions per call on the paths that matter (see `chain` and `page`):
+//! * allocate_buffer from the current page: 0.
+//! * allocate_more: 1 (the link CAS).
+//! * free_buffer of a root: 2 (win CAS, close swap), plus 1 CAS per run of consecutive remote
+//!   blocks of one page in the chain. Emptying a page adds an epoch pin.
+//!
+//! Nothing here pins the epoch on a fast path: small segments are never unmapped while the
+//! heap lives, so a pointer the registry maps to one can be checked unpinned. Large spans, the
+//! page stacks and page retirement pin, at most once per call.
+
+use crate::chain::{Header, Kind, LinkError, HEADER_SIZE, LARGE_CLASS};
+use crate::page::{link_blocks, Page};
+use crate::reclaim::Reclaim;
+use crate::scode::Scode;
+use crate::segment::{LargeSpan, Region, Registry, SmallSegment};
+use crate::size_class::{class_of, usable_size, ALIGN, NUM_CLASSES};
+use crate::stats::{Counter, StatsSlot, StatsSlots};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
+use crossbeam_epoch::{Collector, Guard, LocalHandle};
+use std::mem::ManuallyDrop;
+use std::ptr::{self, NonNull};
+
+/// The largest buffer served: 2 GiB minus 64 KiB, so no size arithmetic can wrap and MAPI's
+/// ULONG sizes near 4 GiB fail with `MAPI_E_NOT_ENOUGH_MEMORY`.
+pub const MAX_BUFFER_SIZE: usize = (1 << 31) - (1 << 16);
+
+/// Abandoned pages a refill adopts at most, so one refill stays short.
+const ADOPT_PER_REFILL: usize = 4;
+
+/// Epoch flushes `collect` tries at most while deferred returns are pending.
+const COLLECT_ROUNDS: usize = 10_000;
+
+/// What `free_buffer` did with a pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreeOutcome {
+    /// NULL: nothing touched.
+    Null,
+    /// The root and its whole chain were freed.
+    Freed,
+    /// The root was already freed, or another thread won the race to free it: nothing freed.
+    DoubleFree,
+    /// A linked block: nothing freed (it goes with its root).
+    LinkedBlock,
+    /// Not the start of a block of this heap: nothing touched.
+    Foreign,
+}
+
+/// The state a heap's threads share.
+pub(crate) struct Shared {
+    collector: ManuallyDrop<Collector>,
+    pub(crate) registry: Registry,
+    pub(crate) reclaim: Reclaim,
+    pub(crate) stats: StatsSlots,
+    next_cache_id: AtomicUsize,
+    /// Set when the `Heap` handle is dropped: caches of other threads let go at their next chance.
+    pub(crate) dropped: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Shared {
+        Shared {
+            collector: ManuallyDrop::new(Collector::new()),
+            registry: Registry::new(),
+            reclaim: Reclaim::new(),
+            stats: StatsSlots::new(),
+            next_cache_id: AtomicUsize::new(1),
+            dropped: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The collector goes first: dropping it runs the deferred pool pushes and span unmaps,
+        // which still need the pages and the registry.
+        // SAFETY: dropped once, here, and never used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.collector) };
+        self.registry.teardown();
+    }
+}
+
+/// Blocks of one page waiting to be pushed to its `thread_free` with one CAS.
+struct RemoteBatch<'a> {
+    page: Option<&'a Page>,
+    first: *const Header,
+    last: *const Header,
+    count: u64,
+}
+
+/// One thread's cache for one heap.
+pub(crate) struct ThreadCache {
+    id: usize,
+    current: [Option<NonNull<Page>>; NUM_CLASSES],
+    pages: [Vec<NonNull<Page>>; NUM_CLASSES],
+    stats: NonNull<StatsSlot>,
+    // Drop order: the epoch handle before the `Shared` it belongs to.
+    handle: LocalHandle,
+    shared: Arc<Shared>,
+}
+
+impl ThreadCache {
+    pub(crate) fn new(shared: Arc<Shared>) -> ThreadCache {
+        ThreadCache {
+            id: shared.next_cache_id.fetch_add(1, Ordering::Relaxed),
+            current: [None; NUM_CLASSES],
+            pages: std::array::from_fn(|_| Vec::new()),
+            stats: NonNull::from(shared.stats.claim()),
+            handle: shared.collector.register(),
+            shared,
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    #[inline]
+    fn count(&self, counter: Counter, n: u64) {
+        // SAFETY: the slot was claimed by this cache and lives as long as `shared`.
+        unsafe { self.stats.as_ref() }.add(counter, n);
+    }
+
+    // ----- allocation -----
+
+    /// Allocates a root of `size` bytes.
+    #[inline]
+    pub(crate) fn allocate_buffer(&mut self, size: usize) -> Result<NonNull<u8>, Scode> {
+        let (block, class, usable) = self.alloc_block(size)?;
+        block.start_root(class);
+        self.count(Counter::RootsAllocated, 1);
+        self.count(Counter::BlocksAllocated, 1);
+        self.count(Counter::BytesAllocated, usable as u64);
+        Ok(user_ptr(block))
+    }
+
+    /// Allocates `size` bytes linked to the root `parent`.
+    pub(crate) fn allocate_more(
+        &mut self,
+        size: usize,
+        parent: *mut u8,
+    ) -> Result<NonNull<u8>, Scode> {
+        let mut guard = None;
+        let root = match self.locate(parent as usize, &mut guard) {
+            Some(header) if header.meta().kind() == Some(Kind::Root) => header,
+            _ => return Err(self.bad_parent()),
+        };
+        let (block, class, usable) = self.alloc_block(size)?;
+        block.start_linked(class);
+        match root.link(block) {
+            Ok(()) => {
+                self.count(Counter::BlocksAllocated, 1);
+                self.count(Counter::BytesAllocated, usable as u64);
+                Ok(user_ptr(block))
+            }
+            Err(LinkError::NotAnOpenRoot) => {
+                // The parent was freed (or its block reused as a linked one) since we checked
+                // it: the block was never published, so it simply goes back.
+                block.finish();
+                let mut batch = RemoteBatch::new();
+                self.release_block(block, &mut batch, &mut guard);
+                self.flush_batch(&mut batch);
+                Err(self.bad_parent())
+            }
+        }
+    }
+
+    fn bad_parent(&self) -> Scode {
+        self.count(Counter::BadParents, 1);
+        Scode::MAPI_E_INVALID_PARAMETER
+    }
+
+    /// A block for `size` bytes (not yet started), its class byte and usable size.
+    #[inline]
+    fn alloc_block(&mut self, size: usize) -> Result<(&'static Header, u8, usize), Scode> {
+        match class_of(size) {
+            Some(class) => {
+                if let Some(page) = self.current[class] {
+                    // SAFETY: pages on our lists are descriptors of live segments.
+                    if let Some(block) = unsafe { page.as_ref() }.pop() {
+                        return Ok((extend(block), class as u8, usable_size(class)));
+                    }
+                }
+                self.alloc_small_slow(class)
+                    .map(|b| (b, class as u8, usable_size(class)))
+            }
+            None => self.alloc_large(size),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_small_slow(&mut self, class: usize) -> Result<&'static Header, Scode> {
+        // Our own pages first: blocks freed locally or by other threads since they ran dry.
+        for i in 0..self.pages[class].len() {
+            // SAFETY: pages on our lists are descriptors of live segments.
+            let page = unsafe { self.pages[class][i].as_ref() };
+            if let Some(block) = take(page) {
+                self.current[class] = Some(NonNull::from(page));
+                return Ok(extend(block));
+            }
+        }
+        let guard = self.handle.pin();
+        let (page, block) = self.fresh_block(class, &guard)?;
+        self.current[class] = Some(NonNull::from(page));
+        Ok(block)
+    }
+
+    /// A block of `class` from a page new to this cache: adopted, from the pool, or from a
+    /// new segment.
+    fn fresh_block(
+        &mut self,
+        class: usize,
+        guard: &Guard,
+    ) -> Result<(&'static Page, &'static Header), Scode> {
+        let shared = self.shared.clone();
+        let reclaim = &shared.reclaim;
+        for _ in 0..ADOPT_PER_REFILL {
+            let Some(page) = reclaim.abandoned.pop(guard) else {
+                break;
+            };
+            let page = extend(page);
+            page.drain_thread_free();
+            if page.used() == 0 {
+                // Nothing of its old life is left: serve our class from it.
+                page.init(class, self.id);
+            } else {
+                page.set_owner(self.id);
+            }
+            self.add_page(page);
+            if page.class() == class {
+                if let Some(block) = take(page) {
+                    return Ok((page, extend(block)));
+                }
+            }
+        }
+        let page = match reclaim.take_page(guard) {
+            Some(page) => extend(page),
+            None => self.map_segment()?,
+        };
+        page.init(class, self.id);
+        self.add_page(page);
+        let block = take(page).expect("a fresh page has a free block");
+        Ok((page, extend(block)))
+    }
+
+    /// Maps a segment, pools all its pages but the first and returns that one.
+    fn map_segment(&self) -> Result<&'static Page, Scode> {
+        let segment = SmallSegment::map().ok_or(Scode::MAPI_E_NOT_ENOUGH_MEMORY)?;
+        let segment = extend(self.shared.registry.insert_small(segment));
+        let (first, rest) = segment.pages().split_first().expect("segments have pages");
+        for page in rest {
+            // Fresh pages were never popped, so they may be pushed without a grace period.
+            self.shared.reclaim.pool.push_now(page);
+        }
+        if first.mark_committed(true) {
+            self.shared.reclaim.committed.add(crate::segment::PAGE_SIZE);
+        }
+        Ok(first)
+    }
+
+    fn alloc_large(&mut self, size: usize) -> Result<(&'static Header, u8, usize), Scode> {
+        if size > MAX_BUFFER_SIZE {
+            return Err(Scode::MAPI_E_NOT_ENOUGH_MEMORY);
+        }
+        let span = LargeSpan::map(size).ok_or(Scode::MAPI_E_NOT_ENOUGH_MEMORY)?;
+        let (base, len) = (span.base, span.len);
+        let header = base as *mut Header;
+        // SAFETY: the span is freshly mapped, page-aligned and at least a header long.
+        unsafe { header.write(Header::new_free(LARGE_CLASS)) };
+        self.shared.reclaim.committed.add(len);
+        self.shared.registry.insert_large(span);
+        // SAFETY: written above; the span lives until its block is freed.
+        Ok((unsafe { &*header }, LARGE_CLASS, len - HEADER_SIZE))
+    }
+
+    fn add_page(&mut self, page: &Page) {
+        let list = &mut self.pages[page.class()];
+        page.set_slot(list.len());
+        list.push(NonNull::from(page));
+    }
+
+    fn remove_page(&mut self, page: &Page) {
+        let class = page.class();
+        let list = &mut self.pages[class];
+        let slot = page.slot();
+        debug_assert_eq!(list[slot], NonNull::from(page));
+        list.swap_remove(slot);
+        if let Some(moved) = list.get(slot) {
+            // SAFETY: pages on our lists are descriptors of live segments.
+            unsafe { moved.as_ref() }.set_slot(slot);
+        }
+        if self.current[class] == Some(NonNull::from(page)) {
+            self.current[class] = None;
+        }
+    }
+
+    // ----- free -----
+
+    /// Frees the root at `user` and its chain, or answers the misuse per SPEC.
+    pub(crate) fn free_buffer(&mut self, user: *mut u8) -> FreeOutcome {
+        if user.is_null() {
+            return FreeOutcome::Null;
+        }
+        let mut guard = None;
+        let Some(root) = self.locate(user as usize, &mut guard) else {
+            self.count(Counter::ForeignFrees, 1);
+            return FreeOutcome::Foreign;
+        };
+        let seen = root.meta();
+        let (outcome, counter) = match seen.kind() {
+            // A carved block boundary whose header reads as nothing: the page was emptied and
+            // decommitted after this root was freed.
+            None => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
+            Some(Kind::Linked) => (FreeOutcome::LinkedBlock, Counter::LinkedFrees),
+            Some(Kind::Free) => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
+            Some(Kind::Root) if !root.win(seen) => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
+            Some(Kind::Root) => {
+                self.free_won_root(root, &mut guard);
+                return FreeOutcome::Freed;
+            }
+        };
+        self.count(counter, 1);
+        outcome
+    }
+
+    /// Closes and walks the chain of a root this thread won, returning every block.
+    fn free_won_root(&mut self, root: &Header, guard: &mut Option<Guard>) {
+        let mut batch = RemoteBatch::new();
+        let (mut blocks, mut bytes) = (0u64, 0u64);
+        for linked in root.close() {
+            // SAFETY: chain blocks are live until we give them back just below.
+            let linked = unsafe { &*linked };
+            bytes += self.release_block(linked, &mut batch, guard) as u64;
+            blocks += 1;
+        }
+        bytes += self.release_block(root, &mut batch, guard) as u64;
+        self.flush_batch(&mut batch);
+        self.count(Counter::RootsFreed, 1);
+        self.count(Counter::BlocksFreed, blocks + 1);
+        self.count(Counter::BytesFreed, bytes);
+    }
+
+    /// Gives one owned block back to its page or span; returns its usable size.
+    fn release_block<'a>(
+        &mut self,
+        block: &'a Header,
+        batch: &mut RemoteBatch<'a>,
+        guard: &mut Option<Guard>,
+    ) -> usize {
+        let addr = block as *const Header as usize;
+        let class = block.meta().class();
+        block.finish();
+        match self.shared.registry.lookup(addr) {
+            Some(Region::Small(segment)) => {
+                let page = extend(segment.page_of(addr));
+                if page.owner() == self.id {
+                    if page.push_local(block) {
+                        self.page_emptied(page, guard);
+                    }
+                } else {
+                    batch.add(page, block, self);
+                }
+                usable_size(class as usize)
+            }
+            Some(Region::Large(span)) => {
+                debug_assert_eq!(class, LARGE_CLASS);
+                let guard = guard.get_or_insert_with(|| self.handle.pin());
+                // SAFETY: the span's block is ours to free, so the span is registered and this
+                // thread is the only one that removes it.
+                let span = unsafe { self.shared.registry.remove_large(span) };
+                let usable = span.len - HEADER_SIZE;
+                self.shared.reclaim.retire_span(span, guard);
+                usable
+            }
+            None => unreachable!("a live block is always in the registry"),
+        }
+    }
+
+    fn flush_batch(&self, batch: &mut RemoteBatch<'_>) {
+        if let Some(page) = batch.page.take() {
+            // SAFETY: the batch holds blocks we own, all of `page`, linked first..=last.
+            unsafe { page.push_remote(batch.first, batch.last) };
+            self.count(Counter::RemoteFrees, batch.count);
+        }
+    }
+
+    /// A page of ours has no block out. The current page of its class stays for reuse; any
+    /// other goes back to the pool.
+    fn page_emptied(&mut self, page: &Page, guard: &mut Option<Guard>) {
+        if self.current[page.class()] == Some(NonNull::from(page)) {
+            return;
+        }
+        self.remove_page(page);
+        let guard = guard.get_or_insert_with(|| self.handle.pin());
+        self.shared.reclaim.retire_page(page, guard);
+    }
+
+    /// Finds the block whose user pointer is `user`, without reading anything the registry
+    /// does not vouch for. Pins (into `guard`) only for large spans.
+    fn locate(&self, user: usize, guard: &mut Option<Guard>) -> Option<&'static Header> {
+        if user % ALIGN != 0 {
+            return None;
+        }
+        match self.shared.registry.lookup(user)? {
+            Region::Small(segment) => segment.page_of(user).block_at(user).map(extend),
+            Region::Large(_) => {
+                guard.get_or_insert_with(|| self.handle.pin());
+                // Look again, pinned: an entry seen now stays readable until we unpin.
+                let Region::Large(span) = self.shared.registry.lookup(user)? else {
+                    return None;
+                };
+                // SAFETY: registered while we are pinned, so not yet retired.
+                let base = unsafe { (*span).base };
+                if user != base + HEADER_SIZE {
+                    return None;
+                }
+                // SAFETY: the span starts with a header written before it was registered.
+                Some(unsafe { &*Header::of_user(user) })
+            }
+        }
+    }
+
+    // ----- maintenance -----
+
+    /// Adopts every abandoned page, sweeps our pages (pooling the empty ones) and lets the
+    /// epoch advance so deferred returns run.
+    pub(crate) fn collect(&mut self) {
+        let guard = self.handle.pin();
+        while let Some(page) = self.shared.reclaim.abandoned.pop(&guard) {
+            let page = extend(page);
+            page.set_owner(self.id);
+            self.add_page(page);
+        }
+        for class in 0..NUM_CLASSES {
+            for i in (0..self.pages[class].len()).rev() {
+                // SAFETY: pages on our lists are descriptors of live segments.
+                let page = unsafe { self.pages[class][i].as_ref() };
+                page.drain_thread_free();
+                page.check_invariant();
+                if page.used() == 0 {
+                    self.remove_page(page);
+                    self.shared.reclaim.retire_page(page, &guard);
+                }
+            }
+        }
+        drop(guard);
+        // Each flush advances the epoch at most once and runs a few expired bags: repeat until
+        // every deferred return has run, or other threads' pins hold the epoch back.
+        for _ in 0..COLLECT_ROUNDS {
+            if !self.shared.reclaim.has_pending() {
+                break;
+            }
+            self.handle.pin().flush();
+        }
+    }
+
+    /// Thread exit: empty pages go to the pool, the others are abandoned for adoption.
+    fn abandon_all(&mut self) {
+        let guard = self.handle.pin();
+        for class in 0..NUM_CLASSES {
+            for page in std::mem::take(&mut self.pages[class]) {
+                // SAFETY: pages on our lists are descriptors of live segments.
+                let page = unsafe { page.as_ref() };
+                page.drain_thread_free();
+                page.check_invariant();
+                if page.used() == 0 {
+                    self.shared.reclaim.retire_page(page, &guard);
+                } else {
+                    self.shared.reclaim.abandon_page(page, &guard);
+                }
+            }
+            self.current[class] = None;
+        }
+        guard.flush();
+    }
+}
+
+impl Drop for ThreadCache {
+    fn drop(&mut self) {
+        self.abandon_all();
+        // SAFETY: the slot is ours and lives as long as `shared`.
+        self.shared.stats.release(unsafe { self.stats.as_ref() });
+    }
+}
+
+impl<'a> RemoteBatch<'a> {
+    fn new() -> Self {
+        RemoteBatch {
+            page: None,
+            first: ptr::null(),
+            last: ptr::null(),
+            count: 0,
+        }
+    }
+
+    /// Adds a block of `page`, flushing the batch first when it holds another page's blocks.
+    fn add(&mut self, page: &'a Page, block: &'a Header, cache: &ThreadCache) {
+        let block = block as *const Header;
+        match self.page {
+            Some(p) if ptr::eq(p, page) => {
+                // SAFETY: both blocks are ours (being freed) and on the same page.
+                unsafe { link_blocks(self.last, block) };
+                self.last = block;
+                self.count += 1;
+            }
+            _ => {
+                cache.flush_batch(self);
+                *self = RemoteBatch {
+                    page: Some(page),
+                    first: block,
+                    last: block,
+                    count: 1,
+                };
+            }
+        }
+    }
+}
+
+/// A free block of `page`, popping or refilling.
+#[inline]
+fn take(page: &Page) -> Option<&Header> {
+    page.pop()
+        .or_else(|| if page.refill() { page.pop() } else { None })
+}
+
+#[inline]
+fn user_ptr(block: &Header) -> NonNull<u8> {
+    // SAFETY: a header's user pointer is never null.
+    unsafe { NonNull::new_unchecked(block.user()) }
+}
+
+/// Widens a reference to a page descriptor or header to `'static`.
+///
+/// Descriptors live until the heap is dropped and every cache holds the heap (`shared`), so a
+/// cache never outlives what these references point to; the lifetime only has to outlive the
+/// cache's own borrows.
+#[inline]
+fn extend<T>(r: &T) -> &'static T {
+    // SAFETY: see above: the referent outlives every cache that holds the reference.
+    unsafe { &*(r as *const T) }
+}
