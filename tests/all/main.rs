@@ -1,0 +1,28 @@
+//! Integration tests of the `mapialloc` engine through its Rust API, in one binary
+//! (DESIGN.md: one test binary, `tests/all/main.rs` plus modules, so the crate is linked once).
+//!
+//! - [`spec`]: one test per row of the behaviour table in SPEC.md, named after the row.
+//! - [`layout`]: alignment and non-overlap over every size 0..5000, and large blocks.
+//! - [`threads`]: chains freed on another thread, concurrent links, racing frees, and 1,000
+//!   short-lived threads with bounded memory.
+//! - [`props`]: proptest programs of allocate / link / free / misuse checked against a model.
+//! - [`memory`]: freeing everything gives the memory back to the OS.
+//! - [`root`]: the RAII wrapper [`mapialloc::Root`].
+//!
+//! Every test makes its own `Heap::new()`: the tests run in parallel in this one process, and
+//! a fresh heap keeps each test's counters (and committed bytes) its own. Tests assert
+//! behaviour, never timing; under Miri they run fewer iterations (see [`support::scaled`]).
+
+mod layout;
+mod memory;
+mod props;
+mod root;
+mod spec;
+mod support;
+mod threads;
+
+/// `Heap` is shared by reference between threads in nearly every module here.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<mapialloc::Heap>();
+};

@@ -1,0 +1,156 @@
+//! Freeing everything gives the memory back (DESIGN: a heap that has freed everything shrinks
+//! to a small bound).
+//!
+//! The measure is the heap's own `os_committed_bytes`, which a fresh `Heap` keeps apart from
+//! everything else in this process. RSS is measured too, but in a child process running that
+//! one test alone: in this process the other tests allocate and free in parallel, which would
+//! make any RSS bound either loose or flaky.
+
+use crate::support::{scaled, varied_size, Chain, Counts};
+use mapialloc::{FreeOutcome, Heap};
+use std::thread;
+
+/// Bytes the tests allocate before freeing everything.
+const TOTAL: u64 = scaled(64 << 20, 1 << 20) as u64;
+
+/// What may stay committed after freeing everything and `collect()`: the engine may keep a
+/// few pages and its segment metadata, not a noticeable share of the 64 MiB it handed out.
+const SLACK: u64 = 2 << 20;
+
+/// Allocates chains in every shape the tests care about until [`TOTAL`] bytes have been asked
+/// for: thousands of small roots, alone or with a few small links (about half the bytes), and
+/// every 256th chain a large root with a large link (the other half).
+fn allocate_total(heap: &Heap) -> Vec<Chain<'_>> {
+    const SMALL_LINKS: [usize; 4] = [16, 200, 1500, 4000];
+    const LARGE: [usize; 2] = [150_000, 1 << 20];
+    let mut chains = Vec::new();
+    let mut requested = 0;
+    let mut i = 0;
+    while requested < TOTAL {
+        let tag = 8 * i as u64;
+        let chain = if i % 256 == 255 {
+            Chain::with_links(heap, LARGE[i / 256 % 2], [300_000], tag)
+        } else {
+            let links = (0..i % 4).map(|k| SMALL_LINKS[(i + k) % SMALL_LINKS.len()]);
+            Chain::with_links(heap, varied_size(i), links, tag)
+        };
+        requested += chain.requested_bytes();
+        chains.push(chain);
+        i += 1;
+    }
+    chains
+}
+
+/// Frees `chains` from both ends towards the middle, so pages empty in no tidy order.
+fn free_unordered(mut chains: Vec<Chain<'_>>) {
+    while !chains.is_empty() {
+        let chain = if chains.len() % 2 == 0 {
+            chains.pop()
+        } else {
+            Some(chains.swap_remove(0))
+        };
+        assert_eq!(chain.map(Chain::free), Some(FreeOutcome::Freed));
+    }
+}
+
+/// Asserts that after `collect()` the heap is empty and back within [`SLACK`] of `base`.
+#[track_caller]
+fn assert_given_back(heap: &Heap, base: u64, peak: u64) {
+    heap.collect();
+    assert_eq!(Counts::of(heap), Counts::default());
+    let idle = heap.stats().os_committed_bytes;
+    assert!(
+        idle <= base + SLACK,
+        "{idle} bytes committed after freeing everything: started at {base}, peaked at {peak}"
+    );
+}
+
+#[test]
+fn free_everything_gives_committed_bytes_back() {
+    let heap = Heap::new();
+    let base = heap.stats().os_committed_bytes;
+    let chains = allocate_total(&heap);
+    let peak = heap.stats().os_committed_bytes;
+    assert!(
+        peak >= base + TOTAL,
+        "{peak} bytes committed for {TOTAL} bytes of live blocks"
+    );
+    free_unordered(chains);
+    assert_given_back(&heap, base, peak);
+}
+
+/// The same, with the blocks allocated by a thread that has exited since, so the frees land
+/// on abandoned pages and only `collect()` on this thread can give them back.
+#[test]
+fn free_everything_allocated_by_an_exited_thread() {
+    let heap = Heap::new();
+    let base = heap.stats().os_committed_bytes;
+    let chains = thread::scope(|s| {
+        s.spawn(|| allocate_total(&heap))
+            .join()
+            .expect("allocating thread panicked")
+    });
+    let peak = heap.stats().os_committed_bytes;
+    free_unordered(chains);
+    assert_given_back(&heap, base, peak);
+}
+
+/// Resident memory, from `/proc/self/status`.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS line");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS value");
+    kib << 10
+}
+
+/// Set in the child process that runs [`rss_drops_after_free_everything`] alone.
+const CHILD_ENV: &str = "MAPIALLOC_TEST_RSS_CHILD";
+
+/// RSS, measured where nothing else runs: the test re-runs itself as a child process with
+/// only this test selected, and the child does the measuring. The chains are written in full
+/// (patterns), so every page is resident at the peak. Bound: RSS after freeing everything is
+/// less than an eighth of the 64 MiB above where it started; a heap that kept the memory
+/// would be a full 64 MiB above.
+#[test]
+#[cfg_attr(miri, ignore = "Miri cannot spawn processes or read /proc")]
+fn rss_drops_after_free_everything() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let exe = std::env::current_exe().expect("test binary path");
+        let out = std::process::Command::new(exe)
+            .args(["memory::rss_drops_after_free_everything", "--exact"])
+            .args(["--test-threads=1", "--nocapture"])
+            .env(CHILD_ENV, "1")
+            .output()
+            .expect("run the child test");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child test failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let heap = Heap::new();
+    let base = rss_bytes();
+    let chains = allocate_total(&heap);
+    let peak = rss_bytes();
+    assert!(
+        peak >= base + TOTAL * 3 / 4,
+        "blocks written but RSS only {base} -> {peak}"
+    );
+    free_unordered(chains);
+    heap.collect();
+    let after = rss_bytes();
+    println!("rss: base {base}, peak {peak}, after free + collect {after}");
+    assert!(
+        after < base + TOTAL / 8,
+        "RSS {after} after freeing everything: started at {base}, peaked at {peak}"
+    );
+}
