@@ -116,13 +116,17 @@ impl Header {
     /// The header of the block whose user pointer is `user`.
     #[inline]
     pub(crate) fn of_user(user: usize) -> *const Header {
-        (user - HEADER_SIZE) as *const Header
+        std::ptr::with_exposed_provenance(user - HEADER_SIZE)
     }
 
     /// The user pointer of this header's block.
+    ///
+    /// Built from the address, not from `&self`: a pointer derived from a `&Header` may only
+    /// touch the header's 16 bytes, while the user area belongs to the mapping, whose
+    /// provenance the segment layer exposed when it mapped it.
     #[inline]
     pub(crate) fn user(&self) -> *mut u8 {
-        (self as *const Header as *mut u8).wrapping_add(HEADER_SIZE)
+        std::ptr::with_exposed_provenance_mut(self as *const Header as usize + HEADER_SIZE)
     }
 
     /// Reads `meta` (Acquire: pairs with the Release store in `start_root`/`start_linked`, so
@@ -212,7 +216,16 @@ impl Header {
     #[inline]
     pub(crate) fn close(&self) -> Chain {
         // Acquire: pairs with the Release CAS in `link()`, making every linked header visible.
+        #[cfg(not(mapialloc_fault = "open_close"))]
         let head = self.link.swap(CLOSED, Ordering::Acquire);
+        // Deliberate fault for `loom-tests/run.sh --fault`: read the head, then close with a
+        // plain store, so a link landing in between is lost.
+        #[cfg(mapialloc_fault = "open_close")]
+        let head = {
+            let head = self.link.load(Ordering::Acquire);
+            self.link.store(CLOSED, Ordering::Relaxed);
+            head
+        };
         debug_assert_eq!(head & TAGS, 0, "a won root must still be open");
         Chain { next: head }
     }

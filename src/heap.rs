@@ -14,9 +14,16 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+#[cfg(not(loom))]
 thread_local! {
     /// This thread's caches, one per heap it has used.
     static CACHES: RefCell<Vec<ThreadCache>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(loom)]
+thread_local! {
+    /// This thread's caches, one per heap it has used.
+    static CACHES: RefCell<Vec<ThreadCache>> = RefCell::new(Vec::new());
 }
 
 /// An isolated MAPI allocator: its own pages, epoch collector and counters.

@@ -307,7 +307,9 @@ impl Page {
         debug_assert_eq!(
             self.used() + free + local,
             reserved,
-            "page invariant broken"
+            "page invariant broken: used {} free {free} local {local} owner {}",
+            self.used(),
+            self.owner()
         );
         debug_assert!(reserved <= self.capacity());
     }

@@ -17,7 +17,10 @@
 //! cleared before the descriptor is retired.
 
 use crate::page::Page;
-use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+use crate::sync::AtomicPtr;
+use crate::sync::{AtomicUsize, Ordering};
+#[cfg(not(loom))]
 use std::ptr;
 
 #[cfg(not(loom))]
@@ -67,6 +70,7 @@ pub(crate) mod os {
     }
 
     /// Maps `len` bytes (a multiple of the OS page) aligned to `SEGMENT_SIZE`, zero-filled.
+    #[cfg(not(loom))]
     pub(crate) fn map_aligned(len: usize) -> Option<*mut u8> {
         if injected_failure() {
             return None;
@@ -108,6 +112,7 @@ pub(crate) mod os {
     ///
     /// # Safety
     /// `[base, base + len)` was returned by `map_aligned(len)` and nothing reads it any more.
+    #[cfg(not(loom))]
     pub(crate) unsafe fn unmap(base: *mut u8, len: usize) {
         // SAFETY: the caller owns the whole mapping.
         unsafe { libc::munmap(base.cast(), len) };
@@ -117,10 +122,38 @@ pub(crate) mod os {
     ///
     /// # Safety
     /// The range lies in one of our mappings and holds no live data.
+    #[cfg(not(loom))]
     pub(crate) unsafe fn decommit(base: *mut u8, len: usize) {
         // SAFETY: the caller guarantees the range is ours and dead; DONTNEED keeps it mapped.
         unsafe { libc::madvise(base.cast(), len, libc::MADV_DONTNEED) };
     }
+
+    /// Under loom, "mappings" are loom-tracked allocations, so a segment or span that is never
+    /// given back is reported as a leak, and one given back twice as a double free.
+    #[cfg(loom)]
+    pub(crate) fn map_aligned(len: usize) -> Option<*mut u8> {
+        if injected_failure() {
+            return None;
+        }
+        let layout = std::alloc::Layout::from_size_align(len, SEGMENT_SIZE).ok()?;
+        // SAFETY: `len` is non-zero.
+        let p = unsafe { loom::alloc::alloc_zeroed(layout) };
+        (!p.is_null()).then_some(p)
+    }
+
+    /// # Safety
+    /// As the non-loom `unmap`.
+    #[cfg(loom)]
+    pub(crate) unsafe fn unmap(base: *mut u8, len: usize) {
+        let layout = std::alloc::Layout::from_size_align(len, SEGMENT_SIZE).expect("mapped layout");
+        // SAFETY: allocated by `map_aligned` with this layout.
+        unsafe { loom::alloc::dealloc(base, layout) };
+    }
+
+    /// # Safety
+    /// As the non-loom `decommit`. (A no-op under loom.)
+    #[cfg(loom)]
+    pub(crate) unsafe fn decommit(_base: *mut u8, _len: usize) {}
 
     /// Bytes committed, as the heap accounts them (pages in use or cached, large spans).
     pub(crate) struct Committed(AtomicUsize);
@@ -152,7 +185,8 @@ pub(crate) struct SmallSegment {
 impl SmallSegment {
     /// Maps a new segment; its pages start free and decommitted.
     pub(crate) fn map() -> Option<Box<SmallSegment>> {
-        let base = os::map_aligned(SEGMENT_SIZE)? as usize;
+        // Exposed: blocks are addressed by integer arithmetic on the mapping (see `Header::user`).
+        let base = os::map_aligned(SEGMENT_SIZE)?.expose_provenance();
         Some(Box::new(SmallSegment {
             base,
             pages: std::array::from_fn(|i| Page::new(base + i * PAGE_SIZE)),
@@ -188,7 +222,7 @@ impl LargeSpan {
     pub(crate) fn map(size: usize) -> Option<Box<LargeSpan>> {
         let page = os::os_page_size();
         let len = size.checked_add(crate::chain::HEADER_SIZE + page - 1)? & !(page - 1);
-        let base = os::map_aligned(len)? as usize;
+        let base = os::map_aligned(len)?.expose_provenance();
         Some(Box::new(LargeSpan { base, len }))
     }
 }
@@ -271,6 +305,9 @@ impl Registry {
     pub(crate) fn teardown(&mut self) {
         self.table.drain(|entry| {
             if entry & LARGE_BIT != 0 {
+                // Under loom, a large block still live at teardown is left to loom's leak
+                // check: the models free everything, so one found here was lost by a chain.
+                #[cfg(not(loom))]
                 // SAFETY: registered, and teardown is the only reader left.
                 drop(unsafe { Box::from_raw((entry & !LARGE_BIT) as *mut LargeSpan) });
             } else {
@@ -409,7 +446,7 @@ impl Table {
                 return;
             }
         }
-        panic!("loom registry full: models map at most 4 regions");
+        panic!("loom registry full: models map at most 8 regions");
     }
 
     fn drain(&mut self, mut f: impl FnMut(usize)) {
