@@ -70,7 +70,7 @@ pub(crate) mod os {
     }
 
     /// Maps `len` bytes (a multiple of the OS page) aligned to `SEGMENT_SIZE`, zero-filled.
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, miri)))]
     pub(crate) fn map_aligned(len: usize) -> Option<*mut u8> {
         if injected_failure() {
             return None;
@@ -112,7 +112,7 @@ pub(crate) mod os {
     ///
     /// # Safety
     /// `[base, base + len)` was returned by `map_aligned(len)` and nothing reads it any more.
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, miri)))]
     pub(crate) unsafe fn unmap(base: *mut u8, len: usize) {
         // SAFETY: the caller owns the whole mapping.
         unsafe { libc::munmap(base.cast(), len) };
@@ -122,37 +122,46 @@ pub(crate) mod os {
     ///
     /// # Safety
     /// The range lies in one of our mappings and holds no live data.
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, miri)))]
     pub(crate) unsafe fn decommit(base: *mut u8, len: usize) {
         // SAFETY: the caller guarantees the range is ours and dead; DONTNEED keeps it mapped.
         unsafe { libc::madvise(base.cast(), len, libc::MADV_DONTNEED) };
     }
 
-    /// Under loom, "mappings" are loom-tracked allocations, so a segment or span that is never
-    /// given back is reported as a leak, and one given back twice as a double free.
-    #[cfg(loom)]
+    /// Under loom and Miri, "mappings" are allocations: loom tracks them, so a segment or span
+    /// that is never given back is reported as a leak and one given back twice as a double
+    /// free; Miri checks every access to them.
+    #[cfg(any(loom, miri))]
     pub(crate) fn map_aligned(len: usize) -> Option<*mut u8> {
         if injected_failure() {
             return None;
         }
         let layout = std::alloc::Layout::from_size_align(len, SEGMENT_SIZE).ok()?;
+        #[cfg(loom)]
+        use loom::alloc::alloc_zeroed;
+        #[cfg(not(loom))]
+        use std::alloc::alloc_zeroed;
         // SAFETY: `len` is non-zero.
-        let p = unsafe { loom::alloc::alloc_zeroed(layout) };
+        let p = unsafe { alloc_zeroed(layout) };
         (!p.is_null()).then_some(p)
     }
 
     /// # Safety
-    /// As the non-loom `unmap`.
-    #[cfg(loom)]
+    /// As the mmap-based `unmap`.
+    #[cfg(any(loom, miri))]
     pub(crate) unsafe fn unmap(base: *mut u8, len: usize) {
         let layout = std::alloc::Layout::from_size_align(len, SEGMENT_SIZE).expect("mapped layout");
+        #[cfg(loom)]
+        use loom::alloc::dealloc;
+        #[cfg(not(loom))]
+        use std::alloc::dealloc;
         // SAFETY: allocated by `map_aligned` with this layout.
-        unsafe { loom::alloc::dealloc(base, layout) };
+        unsafe { dealloc(base, layout) };
     }
 
     /// # Safety
-    /// As the non-loom `decommit`. (A no-op under loom.)
-    #[cfg(loom)]
+    /// As the mmap-based `decommit`. (A no-op under loom and Miri.)
+    #[cfg(any(loom, miri))]
     pub(crate) unsafe fn decommit(_base: *mut u8, _len: usize) {}
 
     /// Bytes committed, as the heap accounts them (pages in use or cached, large spans).
