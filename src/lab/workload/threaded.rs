@@ -1,0 +1,288 @@
+//! The multithreaded workloads: roots crossing threads, a shared root, a pipeline, larson-like
+//! churn and short-lived threads.
+
+use super::shape::{self, chain, free, link, root, SendRoot};
+use super::{time_rounds, Sample};
+use crate::lab::rng::SplitMix64;
+use crate::lab::strategy::Strategy;
+use std::collections::VecDeque;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
+use std::sync::{mpsc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Roots in flight between the two threads of `cross-thread-rowset`.
+const CROSS_THREAD_QUEUE: usize = 2;
+
+/// 24 B blocks each thread links to the shared root per round.
+pub(super) const SHARED_LINKS_PER_THREAD: u64 = 5_000;
+const SHARED_LINK_SIZE: usize = 24;
+
+/// A pipeline root: its size range, its 6 linked blocks and their sizes, and the channel bound.
+const PIPELINE_ROOT_SIZES: std::ops::RangeInclusive<usize> = 16..=512;
+const PIPELINE_LINKS: usize = 6;
+const PIPELINE_LINK_SIZES: std::ops::RangeInclusive<usize> = 16..=128;
+const PIPELINE_QUEUE: usize = 256;
+
+/// Live roots per churn thread, their sizes, their linked blocks' count and sizes.
+const CHURN_WINDOW: usize = 1_000;
+const CHURN_ROOT_SIZES: std::ops::RangeInclusive<usize> = 16..=1024;
+const CHURN_LINKS: std::ops::RangeInclusive<usize> = 0..=8;
+const CHURN_LINK_SIZES: std::ops::RangeInclusive<usize> = 16..=256;
+/// One replaced root in this many goes to another thread to be freed there.
+const CHURN_HANDOFF_ONE_IN: u64 = 8;
+/// Churn steps between looks at the clock and the inbox.
+const CHURN_STEPS_PER_CHECK: usize = 256;
+
+/// Threads started per `thread-churn` round, roots each allocates, and their sizes.
+pub(super) const THREAD_CHURN_THREADS: usize = 1_000;
+const THREAD_CHURN_ROOTS: usize = 64;
+const THREAD_CHURN_SIZES: std::ops::RangeInclusive<usize> = 16..=256;
+/// Short-lived threads alive at once (the main thread frees the oldest's roots meanwhile).
+const THREAD_CHURN_IN_FLIGHT: usize = 2;
+
+/// `cross-thread-rowset`: this thread builds roots with 1,100 linked blocks; another frees them.
+pub(super) fn cross_thread_rowset<S: Strategy>(s: &S, budget: Duration) -> Sample {
+    let mut rng = SplitMix64::new(4);
+    hand_off(
+        s,
+        budget,
+        CROSS_THREAD_QUEUE,
+        1 + shape::FLAT_ROWSET_LINKS as u64,
+        1,
+        || shape::flat_rowset(s, &mut rng),
+    )
+}
+
+/// `pipeline`: this thread produces roots with 6 linked blocks; a consumer thread frees them.
+pub(super) fn pipeline<S: Strategy>(s: &S, budget: Duration) -> Sample {
+    let mut rng = SplitMix64::new(5);
+    hand_off(
+        s,
+        budget,
+        PIPELINE_QUEUE,
+        1 + PIPELINE_LINKS as u64,
+        64,
+        || {
+            let size = rng.range(*PIPELINE_ROOT_SIZES.start(), *PIPELINE_ROOT_SIZES.end());
+            chain(s, &mut rng, size, PIPELINE_LINKS, PIPELINE_LINK_SIZES)
+        },
+    )
+}
+
+/// Builds roots with `build` on this thread and frees them on another, through a channel of
+/// `queue` roots, until `budget` has passed (looking at the clock every `batch` roots).
+fn hand_off<S: Strategy>(
+    s: &S,
+    budget: Duration,
+    queue: usize,
+    blocks_per_root: u64,
+    batch: usize,
+    mut build: impl FnMut() -> NonNull<u8>,
+) -> Sample {
+    let start = Instant::now();
+    let (tx, rx) = mpsc::sync_channel::<SendRoot>(queue);
+    let mut roots = 0;
+    thread::scope(|scope| {
+        scope.spawn(move || {
+            for SendRoot(r) in rx {
+                free(s, r);
+            }
+        });
+        loop {
+            for _ in 0..batch {
+                tx.send(SendRoot(build()))
+                    .expect("the freeing thread runs until the channel closes");
+            }
+            roots += batch as u64;
+            if start.elapsed() >= budget {
+                break;
+            }
+        }
+        drop(tx);
+    });
+    Sample {
+        blocks: roots * blocks_per_root,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `shared-root`: per round, `threads` threads each link 5,000 blocks of 24 B to one root,
+/// which this thread then frees.
+pub(super) fn shared_root<S: Strategy>(s: &S, threads: usize, budget: Duration) -> Sample {
+    // Barrier waits order everything: the root is stored before the round's first wait and
+    // read after it, and the links are done before the second wait, so Relaxed is enough.
+    let barrier = Barrier::new(threads + 1);
+    let shared = AtomicPtr::new(std::ptr::null_mut());
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                barrier.wait();
+                if stop.load(Relaxed) {
+                    return;
+                }
+                let parent = NonNull::new(shared.load(Relaxed))
+                    .expect("a root is published before each round");
+                for _ in 0..SHARED_LINKS_PER_THREAD {
+                    link(s, SHARED_LINK_SIZE, parent);
+                }
+                barrier.wait();
+            });
+        }
+        let sample = time_rounds(budget, || {
+            let parent = root(s, shape::PROPSET_ROOT);
+            shared.store(parent.as_ptr(), Relaxed);
+            barrier.wait();
+            barrier.wait();
+            free(s, parent);
+            1 + threads as u64 * SHARED_LINKS_PER_THREAD
+        });
+        stop.store(true, Relaxed);
+        barrier.wait();
+        sample
+    })
+}
+
+/// `churn`: `threads` threads each keep a window of live roots and replace a random one per
+/// step; one replaced root in eight is handed to another thread, which frees it.
+pub(super) fn churn<S: Strategy>(s: &S, threads: usize, budget: Duration) -> Sample {
+    let (outboxes, inboxes): (Vec<_>, Vec<_>) =
+        (0..threads).map(|_| mpsc::channel::<SendRoot>()).unzip();
+    let barrier = Barrier::new(threads + 1);
+    let (blocks, start, inboxes) = thread::scope(|scope| {
+        let workers: Vec<_> = inboxes
+            .into_iter()
+            .enumerate()
+            .map(|(me, inbox)| {
+                let worker = ChurnWorker {
+                    me,
+                    inbox,
+                    outboxes: outboxes.clone(),
+                    rng: SplitMix64::new(100 + me as u64),
+                };
+                let barrier = &barrier;
+                scope.spawn(move || worker.run(s, barrier, budget))
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut blocks = 0;
+        let mut inboxes = Vec::new();
+        for worker in workers {
+            let (worker_blocks, inbox) = worker.join().expect("churn thread panicked");
+            blocks += worker_blocks;
+            inboxes.push(inbox);
+        }
+        (blocks, start, inboxes)
+    });
+    // Roots handed over after their receiver had stopped looking.
+    drop(outboxes);
+    for SendRoot(r) in inboxes.iter().flat_map(mpsc::Receiver::try_iter) {
+        free(s, r);
+    }
+    Sample {
+        blocks,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// One churn thread: its window, its inbox, the others' inboxes.
+struct ChurnWorker {
+    me: usize,
+    inbox: mpsc::Receiver<SendRoot>,
+    outboxes: Vec<mpsc::Sender<SendRoot>>,
+    rng: SplitMix64,
+}
+
+impl ChurnWorker {
+    /// Churns until `budget` has passed since the start barrier; frees its window and
+    /// returns the blocks it allocated with its inbox (others may still send to it).
+    fn run<S: Strategy>(
+        mut self,
+        s: &S,
+        barrier: &Barrier,
+        budget: Duration,
+    ) -> (u64, mpsc::Receiver<SendRoot>) {
+        barrier.wait();
+        let deadline = Instant::now() + budget;
+        let mut blocks = 0;
+        let mut window: Vec<NonNull<u8>> = (0..CHURN_WINDOW)
+            .map(|_| self.new_root(s, &mut blocks))
+            .collect();
+        loop {
+            for _ in 0..CHURN_STEPS_PER_CHECK {
+                let slot = self.rng.range(0, CHURN_WINDOW - 1);
+                let old = std::mem::replace(&mut window[slot], self.new_root(s, &mut blocks));
+                self.retire(s, old);
+            }
+            for SendRoot(r) in self.inbox.try_iter() {
+                free(s, r);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        for r in window {
+            free(s, r);
+        }
+        (blocks, self.inbox)
+    }
+
+    /// A root of 16-1024 B with 0-8 linked blocks; adds its blocks to `blocks`.
+    fn new_root<S: Strategy>(&mut self, s: &S, blocks: &mut u64) -> NonNull<u8> {
+        let size = self
+            .rng
+            .range(*CHURN_ROOT_SIZES.start(), *CHURN_ROOT_SIZES.end());
+        let links = self.rng.range(*CHURN_LINKS.start(), *CHURN_LINKS.end());
+        *blocks += 1 + links as u64;
+        chain(s, &mut self.rng, size, links, CHURN_LINK_SIZES)
+    }
+
+    /// Frees `old` here, or now and then sends it to another thread to free.
+    fn retire<S: Strategy>(&mut self, s: &S, old: NonNull<u8>) {
+        let others = self.outboxes.len() - 1;
+        if others > 0 && self.rng.one_in(CHURN_HANDOFF_ONE_IN) {
+            let to = (self.me + self.rng.range(1, others)) % self.outboxes.len();
+            self.outboxes[to]
+                .send(SendRoot(old))
+                .expect("inboxes outlive every worker");
+        } else {
+            free(s, old);
+        }
+    }
+}
+
+/// `thread-churn`: per round 1,000 threads start one after another, each allocates 64 roots
+/// and exits; this thread frees their roots (at most two of them are alive at once).
+pub(super) fn thread_churn<S: Strategy>(s: &S, budget: Duration) -> Sample {
+    time_rounds(budget, || {
+        thread::scope(|scope| {
+            let mut in_flight = VecDeque::with_capacity(THREAD_CHURN_IN_FLIGHT + 1);
+            let free_roots_of = |handle: thread::ScopedJoinHandle<'_, Vec<SendRoot>>| {
+                for SendRoot(r) in handle.join().expect("short-lived thread panicked") {
+                    free(s, r);
+                }
+            };
+            for t in 0..THREAD_CHURN_THREADS {
+                in_flight.push_back(scope.spawn(move || {
+                    let mut rng = SplitMix64::new(t as u64);
+                    (0..THREAD_CHURN_ROOTS)
+                        .map(|_| {
+                            SendRoot(root(
+                                s,
+                                rng.range(*THREAD_CHURN_SIZES.start(), *THREAD_CHURN_SIZES.end()),
+                            ))
+                        })
+                        .collect::<Vec<_>>()
+                }));
+                if in_flight.len() > THREAD_CHURN_IN_FLIGHT {
+                    free_roots_of(in_flight.pop_front().expect("not empty"));
+                }
+            }
+            in_flight.into_iter().for_each(free_roots_of);
+        });
+        (THREAD_CHURN_THREADS * THREAD_CHURN_ROOTS) as u64
+    })
+}
