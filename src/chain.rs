@@ -1,27 +1,32 @@
-//! Block headers and the chain protocol: link (MAPIAllocateMore), win and close (MAPIFreeBuffer).
+//! Block headers and the chain protocol: link (MAPIAllocateMore) and close (MAPIFreeBuffer).
 //!
 //! Every block starts with a [`Header`]; the user pointer follows it. Word 0 (`link`) and
 //! word 1 (`meta`) mean:
 //!
-//! | block        | `link`                                   | `meta` kind |
-//! |--------------|------------------------------------------|-------------|
-//! | open root    | newest linked block's header, or 0       | `ROOT`      |
-//! | closed root  | `CLOSED`                                  | `FREE`      |
-//! | linked block | next older block's header \| `LINKED_TAG` | `LINKED`    |
-//! | free block   | `CLOSED`                                  | `FREE`      |
+//! | block        | `link`                                        | `meta` kind |
+//! |--------------|-----------------------------------------------|-------------|
+//! | open root    | generation \| newest linked block's header, or 0 | `Root`   |
+//! | closed root  | generation \| `CLOSED`                        | `Free`      |
+//! | linked block | next older block's header \| `LINKED_TAG`     | `Linked`    |
+//! | free block   | generation \| `CLOSED`                        | `Free`      |
 //!
-//! `meta` packs a magic, a generation (bumped at every allocation of the block), the size class
-//! and the kind. Protocol (locked instructions per call in brackets):
+//! The generation sits in the top 16 bits of a root's `link` (user addresses of our mappings
+//! stay below 2^47, see `segment`) and is bumped every time the block becomes a root again.
+//! `meta` packs a magic, the size class and the kind, for validators to classify a pointer.
+//!
+//! Protocol (locked instructions per call in brackets):
 //!
 //! * link [1 CAS per attempt]: the new block's `link` is set to the observed head, then one CAS
-//!   (Release) swings the root's `link` from that head to the new block. It only succeeds on an
-//!   untagged word, i.e. on an open root: a closed root, a linked block and a free block all
-//!   carry a tag, so a racing or stale link can never splice into a chain it does not own.
-//! * free [1 CAS + 1 swap]: `win` CASes `meta` from the exact `ROOT` value the caller
-//!   validated (generation included) to `FREE`, so of two racing freers exactly one wins even
-//!   if the block is reused in between. The winner then `close`s: it swaps `link` to `CLOSED`
-//!   (Acquire, pairing with the links' Release CAS), which yields every block linked before the
-//!   close; a link that lost the race sees `CLOSED` and gives its block back.
+//!   (Release) swings the root's `link` from that word to the new block, generation kept. It
+//!   only succeeds on an untagged word, i.e. on an open root: a closed root, a linked block and
+//!   a free block all carry a tag, so a racing or stale link never splices into a chain it does
+//!   not own.
+//! * free [1 CAS]: `close` CASes `link` from the open word it read to `generation | CLOSED`.
+//!   That one CAS both wins the root (of racing freers exactly one succeeds, and a stale freer
+//!   whose root was freed and handed out again fails on the generation) and closes the chain:
+//!   it returns the head as of the close (Acquire, pairing with the links' Release CAS), so
+//!   every link that made it in is freed with the chain, and a link that lost the race sees
+//!   `CLOSED` and gives its block back. `meta` then turns `Free` with a plain store.
 //!
 //! The free-list link of a free block lives in its user area (see `page`), never in the header,
 //! so the header of a free block keeps refusing links.
@@ -33,7 +38,7 @@ use crate::sync::{AtomicU64, AtomicUsize, Ordering};
 pub(crate) struct Header {
     /// The chain word (see the module table).
     link: AtomicUsize,
-    /// Magic, generation, class and kind.
+    /// Magic, class and kind.
     meta: AtomicU64,
 }
 
@@ -44,10 +49,19 @@ pub(crate) const HEADER_SIZE: usize = (std::mem::size_of::<Header>() + 15) & !15
 const _: () = assert!(HEADER_SIZE == 16);
 
 /// `link` tag of a closed root and of a free block.
-pub(crate) const CLOSED: usize = 1;
+const CLOSED: usize = 1;
 /// `link` tag of a linked block (its word holds the next block of the chain).
-pub(crate) const LINKED_TAG: usize = 2;
+const LINKED_TAG: usize = 2;
 const TAGS: usize = CLOSED | LINKED_TAG;
+/// A root's generation lives in the top bits of `link`.
+const GENERATION_SHIFT: u32 = 48;
+const GENERATION: usize = !0 << GENERATION_SHIFT;
+/// The header address in a `link` word.
+const ADDRESS: usize = !GENERATION & !TAGS;
+
+/// The highest address (exclusive) a block may have, so a `link` word has room for the
+/// generation. The segment layer refuses mappings past it.
+pub(crate) const ADDRESS_LIMIT: usize = 1 << (GENERATION_SHIFT - 1);
 
 /// What a block is, as its header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,13 +81,13 @@ const MAGIC: u64 = 0x4d41_5049; // "MAPI"
 pub(crate) struct Meta(u64);
 
 impl Meta {
-    fn new(kind: Kind, class: u8, generation: u16) -> Meta {
+    fn new(kind: Kind, class: u8) -> Meta {
         let k = match kind {
             Kind::Root => 1,
             Kind::Linked => 2,
             Kind::Free => 3,
         };
-        Meta(MAGIC << 32 | (generation as u64) << 16 | (class as u64) << 8 | k)
+        Meta(MAGIC << 32 | (class as u64) << 8 | k)
     }
 
     /// The kind, or `None` when the magic is wrong (not a header of ours).
@@ -92,24 +106,17 @@ impl Meta {
     pub(crate) fn class(self) -> u8 {
         (self.0 >> 8) as u8
     }
-
-    fn generation(self) -> u16 {
-        (self.0 >> 16) as u16
-    }
 }
 
-/// The outcome of trying to link a block to a parent.
-pub(crate) enum LinkError {
-    /// The parent is closed, linked or free: the caller still owns the block.
-    NotAnOpenRoot,
-}
+/// A link failed: the parent is closed, linked or free. The caller still owns the block.
+pub(crate) struct NotAnOpenRoot;
 
 impl Header {
     /// A header for a block that has never been handed out.
     pub(crate) fn new_free(class: u8) -> Header {
         Header {
             link: AtomicUsize::new(CLOSED),
-            meta: AtomicU64::new(Meta::new(Kind::Free, class, 0).0),
+            meta: AtomicU64::new(Meta::new(Kind::Free, class).0),
         }
     }
 
@@ -129,105 +136,116 @@ impl Header {
         std::ptr::with_exposed_provenance_mut(self as *const Header as usize + HEADER_SIZE)
     }
 
-    /// Reads `meta` (Acquire: pairs with the Release store in `start_root`/`start_linked`, so
-    /// a validator that sees a kind also sees the header written with it).
+    /// Reads `meta` (Acquire: pairs with the Release stores in `start_root`/`start_linked`, so
+    /// a validator that sees a kind also sees the `link` word written with it).
     #[inline]
     pub(crate) fn meta(&self) -> Meta {
         Meta(self.meta.load(Ordering::Acquire))
     }
 
-    /// Makes this (owned, free) block an open root of `class` and returns nothing: the caller
-    /// publishes the pointer.
+    /// Makes this (owned, free) block an open root of `class`, with a new generation.
     #[inline]
     pub(crate) fn start_root(&self, class: u8) {
-        let generation = Meta(self.meta.load(Ordering::Relaxed))
-            .generation()
-            .wrapping_add(1);
-        self.link.store(0, Ordering::Relaxed);
+        let generation =
+            (self.link.load(Ordering::Relaxed) & GENERATION).wrapping_add(1 << GENERATION_SHIFT);
+        self.link.store(generation, Ordering::Relaxed);
         // Release: pairs with the Acquire load in `meta()` by validators on other threads.
-        self.meta.store(
-            Meta::new(Kind::Root, class, generation).0,
-            Ordering::Release,
-        );
+        self.meta
+            .store(Meta::new(Kind::Root, class).0, Ordering::Release);
     }
 
     /// Marks this (owned, free) block as a linked block of `class`, not yet in any chain.
     #[inline]
     pub(crate) fn start_linked(&self, class: u8) {
-        let generation = Meta(self.meta.load(Ordering::Relaxed))
-            .generation()
-            .wrapping_add(1);
         self.link.store(LINKED_TAG, Ordering::Relaxed);
         // Release: pairs with the Acquire load in `meta()` by validators on other threads.
-        self.meta.store(
-            Meta::new(Kind::Linked, class, generation).0,
-            Ordering::Release,
-        );
+        self.meta
+            .store(Meta::new(Kind::Linked, class).0, Ordering::Release);
     }
 
     /// Marks a block that its owner is giving back as free: links to it fail from now on.
     #[inline]
     pub(crate) fn finish(&self) {
-        let m = Meta(self.meta.load(Ordering::Relaxed));
-        self.link.store(CLOSED, Ordering::Relaxed);
-        self.meta.store(
-            Meta::new(Kind::Free, m.class(), m.generation()).0,
-            Ordering::Relaxed,
-        );
+        let link = self.link.load(Ordering::Relaxed);
+        // A closed root keeps its generation; a linked block's word holds no generation.
+        let generation = if link & LINKED_TAG == 0 {
+            link & GENERATION
+        } else {
+            0
+        };
+        self.link.store(generation | CLOSED, Ordering::Relaxed);
+        let class = Meta(self.meta.load(Ordering::Relaxed)).class();
+        self.meta
+            .store(Meta::new(Kind::Free, class).0, Ordering::Relaxed);
     }
 
-    /// Links `block` (owned by the caller, started with `start_linked`) to this root with one CAS.
-    /// On error the caller still owns `block` and must give it back.
-    pub(crate) fn link(&self, block: &Header) -> Result<(), LinkError> {
-        let mut head = self.link.load(Ordering::Relaxed);
+    /// Links `block` (owned by the caller, started with `start_linked`) to this root with one
+    /// CAS. On error the caller still owns `block` and must give it back.
+    pub(crate) fn link(&self, block: &Header) -> Result<(), NotAnOpenRoot> {
+        let mut word = self.link.load(Ordering::Relaxed);
         loop {
-            if head & TAGS != 0 {
-                return Err(LinkError::NotAnOpenRoot);
+            if word & TAGS != 0 {
+                return Err(NotAnOpenRoot);
             }
-            block.link.store(head | LINKED_TAG, Ordering::Relaxed);
-            // Release: publishes `block`'s header to the Acquire swap in `close()`; each later
+            block
+                .link
+                .store(word & ADDRESS | LINKED_TAG, Ordering::Relaxed);
+            let linked = word & GENERATION | block as *const Header as usize;
+            // Release: publishes `block`'s header to the Acquire CAS in `close()`; each later
             // link CAS is an RMW, so the release sequence carries every older block along.
             match self.link.compare_exchange_weak(
-                head,
-                block as *const Header as usize,
+                word,
+                linked,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return Ok(()),
-                Err(seen) => head = seen,
+                Err(seen) => word = seen,
             }
         }
     }
 
-    /// Tries to win the right to free this root: succeeds for exactly one caller among all
-    /// that validated the same `seen` root meta. Losers did a double free.
+    /// Wins and closes a root in one CAS (see the module docs). Returns its chain, newest block
+    /// first, to the one caller that wins; `None` to a double free (already closed, or freed
+    /// and handed out again since this caller first read it).
     #[inline]
-    pub(crate) fn win(&self, seen: Meta) -> bool {
-        debug_assert_eq!(seen.kind(), Some(Kind::Root));
-        let freed = Meta::new(Kind::Free, seen.class(), seen.generation());
-        // AcqRel: the winner sees the root as it was started (Acquire); losers that read the
-        // FREE kind afterwards see it as freed (Release).
-        self.meta
-            .compare_exchange(seen.0, freed.0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    }
-
-    /// Closes the chain of a root this thread has won and returns its blocks, newest first.
-    #[inline]
-    pub(crate) fn close(&self) -> Chain {
-        // Acquire: pairs with the Release CAS in `link()`, making every linked header visible.
-        #[cfg(not(mapialloc_fault = "open_close"))]
-        let head = self.link.swap(CLOSED, Ordering::Acquire);
-        // Deliberate fault for `loom-tests/run.sh --fault`: read the head, then close with a
-        // plain store, so a link landing in between is lost.
-        #[cfg(mapialloc_fault = "open_close")]
-        let head = {
-            let head = self.link.load(Ordering::Acquire);
-            self.link.store(CLOSED, Ordering::Relaxed);
-            head
-        };
-        debug_assert_eq!(head & TAGS, 0, "a won root must still be open");
-        Chain { next: head }
+    pub(crate) fn close(&self) -> Option<Chain> {
+        let mut word = self.link.load(Ordering::Relaxed);
+        let generation = word & GENERATION;
+        loop {
+            if word & TAGS != 0 || word & GENERATION != generation {
+                return None;
+            }
+            #[cfg(not(mapialloc_fault = "open_close"))]
+            // Acquire: pairs with the Release CAS in `link()`, making every linked header
+            // visible to the walk.
+            let closed = self.link.compare_exchange_weak(
+                word,
+                generation | CLOSED,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            );
+            // Deliberate fault for `loom-tests/run.sh --fault`: close with a plain store after
+            // the read, so a link landing in between is lost.
+            #[cfg(mapialloc_fault = "open_close")]
+            let closed = {
+                self.link.load(Ordering::Acquire);
+                self.link.store(generation | CLOSED, Ordering::Relaxed);
+                Ok::<usize, usize>(word)
+            };
+            match closed {
+                Ok(_) => {
+                    // Release: a validator that reads `Free` (Acquire) sees the root closed.
+                    let class = Meta(self.meta.load(Ordering::Relaxed)).class();
+                    self.meta
+                        .store(Meta::new(Kind::Free, class).0, Ordering::Release);
+                    return Some(Chain {
+                        next: word & ADDRESS,
+                    });
+                }
+                Err(seen) => word = seen,
+            }
+        }
     }
 }
 
@@ -245,12 +263,12 @@ impl Iterator for Chain {
         if self.next == 0 {
             return None;
         }
-        let block = self.next as *const Header;
+        let block: *const Header = std::ptr::with_exposed_provenance(self.next);
         // SAFETY: `block` was linked into a chain this thread closed, so it is a live linked
         // block whose header was published by the link CAS (made visible by `close`'s Acquire).
         let word = unsafe { (*block).link.load(Ordering::Relaxed) };
         debug_assert_eq!(word & TAGS, LINKED_TAG, "chain corrupted");
-        self.next = word & !TAGS;
+        self.next = word & ADDRESS;
         Some(block)
     }
 }

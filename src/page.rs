@@ -32,6 +32,8 @@ pub(crate) struct Page {
     area: usize,
     /// Block size of the class being served (0 before first use).
     block_size: AtomicUsize,
+    /// `2^32 / block_size + 1`: turns the validator's division into a multiplication.
+    block_reciprocal: AtomicUsize,
     /// Blocks carved so far. Release on carve, Acquire in validators.
     reserved: AtomicUsize,
     /// The class, for the owner's bookkeeping.
@@ -80,6 +82,7 @@ impl Page {
         Page {
             area,
             block_size: AtomicUsize::new(0),
+            block_reciprocal: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
             class: AtomicUsize::new(0),
             free: AtomicPtr::new(ptr::null_mut()),
@@ -97,7 +100,10 @@ impl Page {
     pub(crate) fn init(&self, class: usize, owner: usize) {
         debug_assert!(self.thread_free.load(Ordering::Relaxed).is_null());
         self.reserved.store(0, Ordering::Relaxed);
-        // Release: a validator that sees the new block size (Acquire) also sees `reserved` reset.
+        self.block_reciprocal
+            .store((1 << 32) / block_size(class) + 1, Ordering::Relaxed);
+        // Release: a validator that sees the new block size (Acquire) also sees `reserved` and
+        // the reciprocal that go with it.
         self.block_size.store(block_size(class), Ordering::Release);
         self.class.store(class, Ordering::Relaxed);
         self.free.store(ptr::null_mut(), Ordering::Relaxed);
@@ -156,11 +162,13 @@ impl Page {
         // the headers they describe.
         let size = self.block_size.load(Ordering::Acquire);
         let offset = user.checked_sub(self.area + HEADER_SIZE)?;
-        if size == 0 || offset % size != 0 || offset / size >= self.reserved.load(Ordering::Acquire)
-        {
+        // offset < PAGE_SIZE <= 2^16 and size < 2^16, so the reciprocal gives the exact
+        // quotient; the product check rejects interior pointers.
+        let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
+        if size == 0 || index * size != offset || index >= self.reserved.load(Ordering::Acquire) {
             return None;
         }
-        // SAFETY: block `offset / size` was carved, so its header was written and the page's
+        // SAFETY: block `index` was carved, so its header was written and the page's
         // memory stays mapped while the heap lives.
         Some(unsafe { &*Header::of_user(user) })
     }

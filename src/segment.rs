@@ -91,6 +91,12 @@ pub(crate) mod os {
         if raw == libc::MAP_FAILED {
             return None;
         }
+        if raw as usize + over > crate::chain::ADDRESS_LIMIT {
+            // Past 2^47 (5-level paging): a root's `link` word needs the top bits.
+            // SAFETY: the mapping was just made and nothing else knows of it.
+            unsafe { libc::munmap(raw, over) };
+            return None;
+        }
         let start = raw as usize;
         let aligned = (start + SEGMENT_SIZE - 1) & !(SEGMENT_SIZE - 1);
         let head = aligned - start;

@@ -17,7 +17,7 @@
 //! heap lives, so a pointer the registry maps to one can be checked unpinned. Large spans, the
 //! page stacks and page retirement pin, at most once per call.
 
-use crate::chain::{Header, Kind, LinkError, HEADER_SIZE, LARGE_CLASS};
+use crate::chain::{Chain, Header, Kind, NotAnOpenRoot, HEADER_SIZE, LARGE_CLASS};
 use crate::page::{link_blocks, Page};
 use crate::reclaim::Reclaim;
 use crate::scode::Scode;
@@ -89,6 +89,13 @@ impl Drop for Shared {
     }
 }
 
+/// Where a block lives: a page of a small segment, or a large span of its own.
+#[derive(Clone, Copy)]
+enum Home {
+    Page(&'static Page),
+    Span(*const LargeSpan),
+}
+
 /// Blocks of one page waiting to be pushed to its `thread_free` with one CAS.
 struct RemoteBatch<'a> {
     page: Option<&'a Page>,
@@ -151,7 +158,7 @@ impl ThreadCache {
     ) -> Result<NonNull<u8>, Scode> {
         let mut guard = None;
         let root = match self.locate(parent as usize, &mut guard) {
-            Some(header) if header.meta().kind() == Some(Kind::Root) => header,
+            Some((header, _)) if header.meta().kind() == Some(Kind::Root) => header,
             _ => return Err(self.bad_parent()),
         };
         let (block, class, usable) = self.alloc_block(size)?;
@@ -162,12 +169,11 @@ impl ThreadCache {
                 self.count(Counter::BytesAllocated, usable as u64);
                 Ok(user_ptr(block))
             }
-            Err(LinkError::NotAnOpenRoot) => {
+            Err(NotAnOpenRoot) => {
                 // The parent was freed (or its block reused as a linked one) since we checked
                 // it: the block was never published, so it simply goes back.
-                block.finish();
                 let mut batch = RemoteBatch::new();
-                self.release_block(block, &mut batch, &mut guard);
+                self.release_block(block, self.home_of(block), &mut batch, &mut guard);
                 self.flush_batch(&mut batch);
                 Err(self.bad_parent())
             }
@@ -312,57 +318,68 @@ impl ThreadCache {
             return FreeOutcome::Null;
         }
         let mut guard = None;
-        let Some(root) = self.locate(user as usize, &mut guard) else {
+        let Some((root, home)) = self.locate(user as usize, &mut guard) else {
             self.count(Counter::ForeignFrees, 1);
             return FreeOutcome::Foreign;
         };
-        let seen = root.meta();
-        let (outcome, counter) = match seen.kind() {
+        let (outcome, counter) = match root.meta().kind() {
             // A carved block boundary whose header reads as nothing: the page was emptied and
             // decommitted after this root was freed.
             None => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
             Some(Kind::Linked) => (FreeOutcome::LinkedBlock, Counter::LinkedFrees),
             Some(Kind::Free) => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
-            Some(Kind::Root) if !root.win(seen) => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
-            Some(Kind::Root) => {
-                self.free_won_root(root, &mut guard);
-                return FreeOutcome::Freed;
-            }
+            Some(Kind::Root) => match root.close() {
+                Some(chain) => {
+                    self.free_chain(root, home, chain, &mut guard);
+                    return FreeOutcome::Freed;
+                }
+                None => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
+            },
         };
         self.count(counter, 1);
         outcome
     }
 
-    /// Closes and walks the chain of a root this thread won, returning every block.
-    fn free_won_root(&mut self, root: &Header, guard: &mut Option<Guard>) {
+    /// Gives back every block of a closed chain, then its root.
+    fn free_chain(&mut self, root: &Header, home: Home, chain: Chain, guard: &mut Option<Guard>) {
         let mut batch = RemoteBatch::new();
-        let (mut blocks, mut bytes) = (0u64, 0u64);
-        for linked in root.close() {
+        let (mut blocks, mut bytes) = (1u64, 0u64);
+        for linked in chain {
             // SAFETY: chain blocks are live until we give them back just below.
             let linked = unsafe { &*linked };
-            bytes += self.release_block(linked, &mut batch, guard) as u64;
+            bytes += self.release_block(linked, self.home_of(linked), &mut batch, guard) as u64;
             blocks += 1;
         }
-        bytes += self.release_block(root, &mut batch, guard) as u64;
+        bytes += self.release_block(root, home, &mut batch, guard) as u64;
         self.flush_batch(&mut batch);
         self.count(Counter::RootsFreed, 1);
-        self.count(Counter::BlocksFreed, blocks + 1);
+        self.count(Counter::BlocksFreed, blocks);
         self.count(Counter::BytesFreed, bytes);
+    }
+
+    /// Where a live block of ours lives.
+    fn home_of(&self, block: &Header) -> Home {
+        match self.shared.registry.lookup(block as *const Header as usize) {
+            Some(Region::Small(segment)) => {
+                Home::Page(extend(segment.page_of(block as *const Header as usize)))
+            }
+            Some(Region::Large(span)) => Home::Span(span),
+            None => unreachable!("a live block is always in the registry"),
+        }
     }
 
     /// Gives one owned block back to its page or span; returns its usable size.
     fn release_block<'a>(
         &mut self,
         block: &'a Header,
+        home: Home,
         batch: &mut RemoteBatch<'a>,
         guard: &mut Option<Guard>,
     ) -> usize {
-        let addr = block as *const Header as usize;
         let class = block.meta().class();
         block.finish();
-        match self.shared.registry.lookup(addr) {
-            Some(Region::Small(segment)) => {
-                let page = extend(segment.page_of(addr));
+        match home {
+            Home::Page(page) => {
                 if page.owner() == self.id {
                     if page.push_local(block) {
                         self.page_emptied(page, guard);
@@ -372,7 +389,7 @@ impl ThreadCache {
                 }
                 usable_size(class as usize)
             }
-            Some(Region::Large(span)) => {
+            Home::Span(span) => {
                 debug_assert_eq!(class, LARGE_CLASS);
                 let guard = guard.get_or_insert_with(|| self.handle.pin());
                 // SAFETY: the span's block is ours to free, so the span is registered and this
@@ -382,7 +399,6 @@ impl ThreadCache {
                 self.shared.reclaim.retire_span(span, guard);
                 usable
             }
-            None => unreachable!("a live block is always in the registry"),
         }
     }
 
@@ -407,12 +423,16 @@ impl ThreadCache {
 
     /// Finds the block whose user pointer is `user`, without reading anything the registry
     /// does not vouch for. Pins (into `guard`) only for large spans.
-    fn locate(&self, user: usize, guard: &mut Option<Guard>) -> Option<&'static Header> {
+    fn locate(&self, user: usize, guard: &mut Option<Guard>) -> Option<(&'static Header, Home)> {
         if user % ALIGN != 0 {
             return None;
         }
         match self.shared.registry.lookup(user)? {
-            Region::Small(segment) => segment.page_of(user).block_at(user).map(extend),
+            Region::Small(segment) => {
+                let page = extend(segment.page_of(user));
+                page.block_at(user)
+                    .map(|header| (extend(header), Home::Page(page)))
+            }
             Region::Large(_) => {
                 guard.get_or_insert_with(|| self.handle.pin());
                 // Look again, pinned: an entry seen now stays readable until we unpin.
@@ -425,7 +445,7 @@ impl ThreadCache {
                     return None;
                 }
                 // SAFETY: the span starts with a header written before it was registered.
-                Some(unsafe { &*Header::of_user(user) })
+                Some((unsafe { &*Header::of_user(user) }, Home::Span(span)))
             }
         }
     }
