@@ -2,6 +2,7 @@
 //! showing the median ns per block, with a whisker from the fastest to the slowest repetition.
 
 use crate::lab::report::ResultRow;
+use crate::lab::strategy::StrategyKind;
 use crate::lab::workload::WorkloadKind;
 use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue};
 use plotters::prelude::*;
@@ -27,26 +28,32 @@ fn draw(
     rows: &[&ResultRow],
 ) -> Result<(), Box<dyn std::error::Error>> {
     let several_thread_counts = rows.iter().any(|r| r.threads != rows[0].threads);
+    // Drawn top-down in report order: bar `i` sits in segment `n - 1 - i` (of at least two:
+    // plotters cannot segment a one-value range).
+    let n = rows.len();
     let labels: Vec<String> = rows
         .iter()
-        .map(|r| {
-            let name = r.strategy.name();
-            if several_thread_counts {
-                format!("{name} ({}t)", r.threads)
-            } else {
-                name.to_owned()
-            }
+        .rev()
+        .map(|r| match several_thread_counts {
+            true => format!("{} ({}t)", r.strategy.name(), r.threads),
+            false => r.strategy.name().to_owned(),
         })
         .collect();
+    // A log axis: equal ratios look equal, and a 400x outlier does not flatten the others.
+    let x_min = rows
+        .iter()
+        .map(|r| r.ns_per_block_min)
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-3)
+        / 2.0;
     let x_max = rows
         .iter()
         .map(|r| r.ns_per_block_max)
-        .fold(0.0, f64::max)
-        .max(1e-9)
-        * 1.3;
-    let height = 120 + 34 * rows.len() as u32;
+        .fold(x_min, f64::max)
+        * 12.0;
+    let height = 110 + 36 * n as u32;
 
-    let area = SVGBackend::new(path, (900, height)).into_drawing_area();
+    let area = SVGBackend::new(path, (1000, height)).into_drawing_area();
     area.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&area)
         .caption(
@@ -56,35 +63,38 @@ fn draw(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(170)
-        .build_cartesian_2d(0.0..x_max, (0..rows.len()).into_segmented())?;
+        .build_cartesian_2d(
+            (x_min..x_max).log_scale(),
+            (0..n.max(2) - 1).into_segmented(),
+        )?;
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .x_desc("ns per block (median; whisker: min..max of the repetitions; lower is better)")
+        .y_labels(n)
+        .x_desc("ns per block, log scale (bar: median; whisker: min..max of the repetitions; lower is better)")
         .y_label_formatter(&|segment| match segment {
             SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
         })
         .draw()?;
 
+    let slot = |i: usize| n - 1 - i;
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        let color = if r.strategy == crate::lab::strategy::StrategyKind::Engine {
+        let color = if r.strategy == StrategyKind::Engine {
             ENGINE_BAR
         } else {
             BAR
         };
-        let mut bar = Rectangle::new(
-            [
-                (0.0, SegmentValue::Exact(i)),
-                (r.ns_per_block, SegmentValue::Exact(i + 1)),
-            ],
-            color.filled(),
-        );
+        let corners = [
+            (x_min, SegmentValue::Exact(slot(i))),
+            (r.ns_per_block, SegmentValue::Exact(slot(i) + 1)),
+        ];
+        let mut bar = Rectangle::new(corners, color.filled());
         bar.set_margin(6, 6, 0, 0);
         bar
     }))?;
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        let y = SegmentValue::CenterOf(i);
+        let y = SegmentValue::CenterOf(slot(i));
         PathElement::new(
             vec![(r.ns_per_block_min, y.clone()), (r.ns_per_block_max, y)],
             BLACK.stroke_width(2),
@@ -93,15 +103,15 @@ fn draw(
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
         let ratio = r
             .ratio_to_engine
-            .map_or_else(String::new, |x| format!("  ({x:.2}x engine)"));
+            .map_or_else(String::new, |x| format!(" ({x:.2}x engine)"));
         let text = format!(
-            "{:.1} ns{ratio}, peak {:.1} MiB",
+            " {:.1} ns{ratio}, peak {:.1} MiB",
             r.ns_per_block,
             r.peak_rss_kib as f64 / 1024.0
         );
         Text::new(
             text,
-            (r.ns_per_block_max, SegmentValue::CenterOf(i)),
+            (r.ns_per_block_max, SegmentValue::CenterOf(slot(i))),
             ("sans-serif", 13),
         )
     }))?;
@@ -113,7 +123,6 @@ fn draw(
 mod tests {
     use super::*;
     use crate::lab::measure::{Job, JobOutput, RepSample};
-    use crate::lab::strategy::StrategyKind;
 
     #[test]
     fn writes_one_svg_with_a_bar_per_row() {

@@ -26,7 +26,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The full run: every workload and strategy, 1 warm-up and 3 timed repetitions of 150 ms
+    /// The full run: every workload and strategy, 1 warm-up and 3 timed repetitions of 250 ms
     /// (about 1.5 minutes on a 2-core machine).
     pub fn full() -> Settings {
         Settings {
@@ -35,7 +35,7 @@ impl Settings {
             threads: None,
             reps: 3,
             warmups: 1,
-            rep_ms: 150,
+            rep_ms: 250,
         }
     }
 
