@@ -61,6 +61,7 @@ const ADDRESS: usize = !GENERATION & !TAGS;
 
 /// The highest address (exclusive) a block may have, so a `link` word has room for the
 /// generation. The segment layer refuses mappings past it.
+#[cfg_attr(any(loom, miri), allow(dead_code))] // only the mmap layer checks it
 pub(crate) const ADDRESS_LIMIT: usize = 1 << (GENERATION_SHIFT - 1);
 
 /// What a block is, as its header says.
