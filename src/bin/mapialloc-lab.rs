@@ -160,6 +160,9 @@ fn print_list() {
         };
         println!("  {}{note}", s.name());
     }
+    if !cfg!(feature = "talloc") {
+        println!("  (talloc: install libtalloc-dev and build with --features talloc)");
+    }
 }
 
 /// One SVG per workload in `dir`.
