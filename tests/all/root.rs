@@ -1,14 +1,17 @@
 //! The RAII wrapper [`Root`]: dropping it frees the chain, its memory comes zeroed, its
-//! linked memory is usable until the drop, and it may be dropped on another thread.
+//! linked memory is usable until the drop, it may be dropped on another thread, and threads
+//! may link to it at once.
 
-use crate::support::{fill_pattern, verify_pattern, Counts};
+use crate::support::{fill_pattern, scaled, verify_pattern, Counts};
 use mapialloc::{Heap, Root, Scode};
+use std::thread;
 
 /// A `Root` carries its chain to whichever thread ends up freeing it (SPEC: transport
-/// providers allocate on one thread and free on another).
+/// providers allocate on one thread and free on another), and threads may share one to link
+/// to it at once (SPEC: MAPI is free-threaded).
 const _: () = {
-    const fn send<T: Send>() {}
-    send::<Root<'static>>();
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Root<'static>>();
 };
 
 /// Leaves blocks of these sizes freed but dirty (full of 0xAA) in `heap`, so that a later
@@ -133,7 +136,7 @@ fn dropped_on_another_thread() {
     for len in [16, 64, 1024] {
         fill_pattern(root.alloc_more(len).expect("linked"), len as u64);
     }
-    std::thread::scope(|s| {
+    thread::scope(|s| {
         s.spawn(move || {
             verify_pattern(root.as_mut_slice(), 7);
             drop(root);
@@ -141,4 +144,32 @@ fn dropped_on_another_thread() {
     });
     assert_eq!(Counts::of(&heap), Counts::default());
     assert_eq!(heap.stats().live_bytes, 0);
+}
+
+#[test]
+fn threads_link_to_a_shared_root_at_once() {
+    let heap = Heap::new();
+    let per_thread = scaled(500, 10);
+    let root = Root::new(&heap, 32).expect("root");
+    // Each thread keeps its slices (borrowing the shared root) until all are written, then
+    // checks none was overwritten by another thread's.
+    thread::scope(|s| {
+        for t in 0..4u64 {
+            let root = &root;
+            s.spawn(move || {
+                let mut mine: Vec<&mut [u8]> = (0..per_thread)
+                    .map(|i| root.alloc_more(i % 200).expect("linked"))
+                    .collect();
+                for (i, slice) in mine.iter_mut().enumerate() {
+                    fill_pattern(slice, (t << 32) + i as u64);
+                }
+                for (i, slice) in mine.iter().enumerate() {
+                    verify_pattern(slice, (t << 32) + i as u64);
+                }
+            });
+        }
+    });
+    assert_eq!(heap.stats().live_blocks, 1 + 4 * per_thread as u64);
+    drop(root);
+    assert_eq!(Counts::of(&heap), Counts::default());
 }
