@@ -128,7 +128,15 @@ pub fn rank(rows: &mut [ResultRow]) {
     }
 }
 
+/// The prefix of a [`Skip`] reason for a job that ran and failed.
+pub const FAILED: &str = "failed: ";
+
 impl Report {
+    /// Jobs that ran and failed (as opposed to being skipped by design).
+    pub fn failures(&self) -> impl Iterator<Item = &Skip> {
+        self.skipped.iter().filter(|s| s.reason.starts_with(FAILED))
+    }
+
     /// The report as pretty JSON: `{"machine": {...}, "results": [...], "skipped": [...]}`.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report serialises")

@@ -3,7 +3,7 @@
 
 use crate::lab::machine::Machine;
 use crate::lab::measure::{self, Job};
-use crate::lab::report::{self, Report, ResultRow, Skip};
+use crate::lab::report::{self, Report, ResultRow, Skip, FAILED};
 use crate::lab::strategy::StrategyKind;
 use crate::lab::workload::WorkloadKind;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -143,16 +143,6 @@ pub fn run(plan: Plan, show_progress: bool) -> Report {
         machine: Machine::detect(),
         results,
         skipped,
-    }
-}
-
-/// The prefix of a [`Skip`] reason for a job that ran and failed.
-pub const FAILED: &str = "failed: ";
-
-impl Report {
-    /// Jobs that ran and failed (as opposed to being skipped by design).
-    pub fn failures(&self) -> impl Iterator<Item = &Skip> {
-        self.skipped.iter().filter(|s| s.reason.starts_with(FAILED))
     }
 }
 

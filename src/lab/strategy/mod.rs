@@ -20,7 +20,7 @@ mod wine;
 
 pub use arena::Arena;
 pub use engine::Engine;
-pub use kopano::{Kopano, KopanoGlibc, KopanoJemalloc, KopanoMimalloc, Malloc};
+pub use kopano::{Kopano, KopanoGlibc, KopanoJemalloc, KopanoMimalloc, Malloc, Underlying};
 #[cfg(feature = "talloc")]
 pub use talloc::Talloc;
 pub use wine::Wine;
@@ -43,9 +43,7 @@ pub trait Strategy: Send + Sync + 'static {
     const RACE_SAFE: bool;
 
     /// A fresh instance (the lab makes one per measured child process).
-    fn new() -> Self
-    where
-        Self: Sized;
+    fn new() -> Self;
 
     /// `MAPIAllocateBuffer`: a new root of `size` bytes.
     fn allocate_buffer(&self, size: usize) -> Result<NonNull<u8>, Scode>;
