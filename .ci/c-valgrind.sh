@@ -6,7 +6,9 @@
 # Usage: .ci/c-valgrind.sh            (from anywhere; installs valgrind if it is missing)
 # The C build and run are tests/c_abi.rs's; this script only puts valgrind in front of the
 # run (MAPIALLOC_C_RUNNER) and tells the program it runs under valgrind, which skips the
-# RSS bound and the address-space cap (valgrind owns both).
+# RSS bound and the address-space cap (valgrind owns both). The library is built as
+# scripts/install.sh ships it, without the strategy lab (--no-default-features): the lab's
+# peers (mimalloc's load-time constructor among them) are not part of the C library.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,4 +29,5 @@ export MAPIALLOC_TEST_UNDER_VALGRIND=1
 # (thread exit, page abandonment and adoption) in play.
 export MAPIALLOC_C_THREADS="${MAPIALLOC_C_THREADS:-400}"
 
-cargo test --test c_abi spec_rows_and_threads_from_c -- --nocapture --test-threads=1
+cargo test --no-default-features --test c_abi spec_rows_and_threads_from_c -- \
+    --nocapture --test-threads=1

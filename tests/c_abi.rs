@@ -91,6 +91,16 @@ fn run(cmd: &mut Command) -> Output {
     output
 }
 
+/// A command that runs a C program built here. `cargo test` puts `target/<profile>` before
+/// `target/<profile>/deps` in `LD_LIBRARY_PATH`, which outranks the programs' rpath: a stale
+/// `libmapialloc.so` left there by `cargo build` would be loaded instead of the one this test
+/// build made. Without the variable, the rpath names the library.
+fn c_program(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_remove("LD_LIBRARY_PATH");
+    cmd
+}
+
 /// Compiles and links with `cc`, panicking with the compiler's messages on failure.
 fn cc<I, S>(args: I)
 where
@@ -148,11 +158,11 @@ fn run_mapi_test(exe: &Path) {
     let mut words = runner.split_whitespace();
     let mut cmd = match words.next() {
         Some(program) => {
-            let mut cmd = Command::new(program);
+            let mut cmd = c_program(program);
             cmd.args(words).arg(exe);
             cmd
         }
-        None => Command::new(exe),
+        None => c_program(exe),
     };
     if let Ok(threads) = std::env::var("MAPIALLOC_C_THREADS") {
         cmd.args(["--threads", &threads]);
@@ -226,7 +236,7 @@ fn ld_preload_interposes_the_mapi_exports() {
 
     // Without the preload, the library the program was linked against serves the calls:
     // this shows the check below can tell the two apart.
-    let alone = run(Command::new(&exe).env_remove("LD_PRELOAD"));
+    let alone = run(c_program(&exe).env_remove("LD_PRELOAD"));
     assert!(
         alone.status.success(),
         "interpose without LD_PRELOAD: {}",
@@ -235,7 +245,7 @@ fn ld_preload_interposes_the_mapi_exports() {
     assert!(String::from_utf8_lossy(&alone.stdout).contains("served-by=fake"));
 
     let so = library_dir().join("libmapialloc.so");
-    let preloaded = run(Command::new(&exe).env("LD_PRELOAD", &so));
+    let preloaded = run(c_program(&exe).env("LD_PRELOAD", &so));
     assert!(
         preloaded.status.success(),
         "interpose with LD_PRELOAD: {}",
@@ -270,7 +280,7 @@ fn provider_example_runs() {
     ]);
     args.extend(shared_link_flags(&library_dir()));
     cc(&args);
-    let output = run(&mut Command::new(&exe));
+    let output = run(&mut c_program(&exe));
     assert!(
         output.status.success(),
         "the provider example failed: {}",
