@@ -94,28 +94,40 @@ fn four_threads_link_to_one_root() {
     assert_eq!(Counts::of(&heap), Counts::default());
 }
 
-/// SPEC row "`lpObject` freed while this call runs": the link either lands before the free
-/// closes the chain (and is freed with it) or fails with MAPI_E_INVALID_PARAMETER and gives
-/// its block back. Either way nothing leaks: afterwards the heap holds no block at all.
-#[test]
-fn link_racing_the_free_of_its_parent_never_leaks() {
-    let heap = Heap::new();
-    let rounds = scaled(200, 4);
+/// Links `len`-byte blocks to `root` until the heap refuses, which it must with
+/// MAPI_E_INVALID_PARAMETER once another thread has freed the root.
+fn link_until_refused(heap: &Heap, root: *mut u8, len: usize) {
+    let mut linked = 0u64;
+    let err = loop {
+        match heap.allocate_more(len, root) {
+            Ok(_) if linked % 256 == 255 => thread::yield_now(),
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+        linked += 1;
+    };
+    assert_eq!(err, Scode::MAPI_E_INVALID_PARAMETER, "after {linked} links");
+}
+
+/// Races one thread linking 32-byte blocks to each root of `chains` (until refused) against
+/// another freeing it, root by root, then checks that nothing leaked: each link either landed
+/// before the free closed the chain (and was freed with it) or was refused and gave its block
+/// back, so afterwards the heap holds no block at all.
+///
+/// The roots must not be of the 32-byte class, and nothing else allocates roots during the
+/// race, so the linker never meets a root's address handed out again (which would make its
+/// link legitimately succeed).
+fn race_links_against_frees(heap: &Heap, chains: Vec<Chain<'_>>) {
+    let rounds = chains.len() as u64;
     let barrier = Barrier::new(2);
-    // Roots of 256 bytes, links of 32: the links never come from the class of a freed root,
-    // and nothing else allocates roots during the race, so the linker never sees the root's
-    // address handed out again (which would make its link legitimately succeed).
-    let chains: Vec<_> = (0..rounds)
-        .map(|i| Chain::new(&heap, 256, i as u64))
-        .collect();
     let roots: Vec<usize> = chains.iter().map(|c| c.root().ptr() as usize).collect();
     thread::scope(|s| {
         s.spawn(|| {
             for chain in chains {
                 barrier.wait();
                 // No `Chain::free`: the racing links are not in the `Chain`, so it cannot
-                // verify them; the root's own pattern is what this thread can check.
-                chain.root().verify();
+                // verify them; the chain's own blocks are what this thread can check.
+                chain.verify();
                 let root = chain.root().ptr();
                 std::mem::forget(chain);
                 // SAFETY: `root` is a live root of `heap` that only this thread frees; the
@@ -126,30 +138,44 @@ fn link_racing_the_free_of_its_parent_never_leaks() {
         s.spawn(|| {
             for &root in &roots {
                 barrier.wait();
-                let mut linked = 0u64;
-                let err = loop {
-                    match heap.allocate_more(32, root as *mut u8) {
-                        Ok(_) if linked % 256 == 255 => thread::yield_now(),
-                        Ok(_) => {}
-                        Err(e) => break e,
-                    }
-                    linked += 1;
-                };
-                assert_eq!(err, Scode::MAPI_E_INVALID_PARAMETER, "after {linked} links");
+                link_until_refused(heap, root as *mut u8, 32);
             }
         });
     });
-    // Each linker loop ended on exactly one refused link, and every link that succeeded was
-    // freed with its root's chain.
-    let bad_parents = rounds as u64;
+    // Each linker loop ended on exactly one refused link.
+    let c = Counts::of(heap);
     assert_eq!(
-        Counts::of(&heap),
+        c,
         Counts {
-            bad_parents,
+            bad_parents: c.bad_parents,
             ..Counts::default()
-        }
+        },
+        "blocks leaked"
     );
+    assert_eq!(c.bad_parents, rounds);
     assert_eq!(heap.stats().live_bytes, 0);
+}
+
+/// SPEC row "`lpObject` freed while this call runs", small roots.
+#[test]
+fn link_racing_the_free_of_its_parent_never_leaks() {
+    let heap = Heap::new();
+    let rounds = scaled(200, 4);
+    let chains = (0..rounds)
+        .map(|i| Chain::new(&heap, 256, i as u64))
+        .collect();
+    race_links_against_frees(&heap, chains);
+}
+
+/// The same with large roots (own spans, unmapped once freed) that already carry links.
+#[test]
+fn link_racing_the_free_of_a_large_parent_never_leaks() {
+    let heap = Heap::new();
+    let rounds = scaled(50, 2);
+    let chains = (0..rounds)
+        .map(|i| Chain::with_links(&heap, 100 << 10, [64, 200_000], tag_of(0, i)))
+        .collect();
+    race_links_against_frees(&heap, chains);
 }
 
 /// The same SPEC row, with the parent's page recycled while the link is in flight: the root is
@@ -184,6 +210,8 @@ fn link_racing_free_and_page_recycling_never_corrupts_or_leaks() {
                         root => break root as *mut u8,
                     }
                 };
+                // A tight loop: the longer the linker spends inside allocate_more, the
+                // likelier the free and the page's recycling land in the middle of a call.
                 while heap.allocate_more(16, root).is_ok() {}
                 round_done.wait();
             }
@@ -230,6 +258,38 @@ fn link_racing_free_and_page_recycling_never_corrupts_or_leaks() {
     );
 }
 
+/// Both threads free every root of `roots`, released together by a Barrier; returns what
+/// the two frees of each root answered, the `Freed` one first if there is one.
+fn free_from_two_threads(heap: &Heap, roots: &[usize]) -> Vec<[FreeOutcome; 2]> {
+    let barrier = Barrier::new(2);
+    let free_all_roots = || {
+        barrier.wait();
+        roots
+            .iter()
+            // SAFETY: a root of `heap`, live or freed by the other thread a moment ago, and not
+            // handed out again: nothing allocates during the race. Its blocks are not used
+            // afterwards.
+            .map(|&r| unsafe { heap.free_buffer(r as *mut u8) })
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = thread::scope(|s| {
+        let a = s.spawn(free_all_roots);
+        let b = s.spawn(free_all_roots);
+        (
+            a.join().expect("freer panicked"),
+            b.join().expect("freer panicked"),
+        )
+    });
+    a.into_iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let mut pair = [a, b];
+            pair.sort_by_key(|o| *o != FreeOutcome::Freed);
+            pair
+        })
+        .collect()
+}
+
 /// SPEC row "double free": two threads racing to free one root, exactly one frees it. Then
 /// the proof that nothing was freed twice: a block freed twice would sit on a free list
 /// twice and be handed out twice, so the freed blocks are all allocated again (several times
@@ -239,7 +299,6 @@ fn two_threads_racing_to_free_the_same_roots() {
     let heap = Heap::new();
     let rounds = scaled(20, 2);
     let per_round = scaled(128, 8);
-    let barrier = Barrier::new(2);
     let mut freed_blocks = 0;
     for round in 0..rounds {
         // Keepers interleaved with the racers keep every racer's page holding a live block,
@@ -255,29 +314,7 @@ fn two_threads_racing_to_free_the_same_roots() {
         let roots: Vec<usize> = racers.iter().map(|c| c.root().ptr() as usize).collect();
         // Both threads free every root; the chains are forgotten since the race frees them.
         racers.into_iter().for_each(std::mem::forget);
-        let outcomes: Vec<Vec<FreeOutcome>> = thread::scope(|s| {
-            let handles: Vec<_> = (0..2)
-                .map(|_| {
-                    s.spawn(|| {
-                        barrier.wait();
-                        roots
-                            .iter()
-                            // SAFETY: a root of `heap`, live or freed by the other thread a
-                            // moment ago, and not handed out again: nothing allocates during
-                            // the race. Its contents are not used afterwards.
-                            .map(|&r| unsafe { heap.free_buffer(r as *mut u8) })
-                            .collect()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("freer panicked"))
-                .collect()
-        });
-        for (i, pair) in outcomes[0].iter().zip(&outcomes[1]).enumerate() {
-            let mut pair = [*pair.0, *pair.1];
-            pair.sort_by_key(|o| *o != FreeOutcome::Freed);
+        for (i, pair) in free_from_two_threads(&heap, &roots).into_iter().enumerate() {
             assert_eq!(
                 pair,
                 [FreeOutcome::Freed, FreeOutcome::DoubleFree],
@@ -309,6 +346,37 @@ fn two_threads_racing_to_free_the_same_roots() {
             ..Counts::default()
         }
     );
+}
+
+/// The same race on large roots. A large span is unmapped once freed, so the loser may find
+/// its address foreign rather than freed: either answer is misuse, counted once; exactly one
+/// free wins, and nothing leaks.
+#[test]
+fn two_threads_racing_to_free_the_same_large_roots() {
+    let heap = Heap::new();
+    let n = scaled(64, 2);
+    let racers: Vec<_> = (0..n)
+        .map(|i| Chain::with_links(&heap, 100 << 10, [64, 200_000], tag_of(0, i)))
+        .collect();
+    racers.iter().for_each(Chain::verify);
+    let roots: Vec<usize> = racers.iter().map(|c| c.root().ptr() as usize).collect();
+    racers.into_iter().for_each(std::mem::forget); // the race frees them
+    for (i, pair) in free_from_two_threads(&heap, &roots).into_iter().enumerate() {
+        assert_eq!(pair[0], FreeOutcome::Freed, "root {i}: {pair:?}");
+        assert!(
+            matches!(pair[1], FreeOutcome::DoubleFree | FreeOutcome::Foreign),
+            "root {i}: {pair:?}"
+        );
+    }
+    let c = Counts::of(&heap);
+    assert_eq!(c.double_frees + c.foreign_frees, n as u64);
+    let misuse = Counts {
+        double_frees: c.double_frees,
+        foreign_frees: c.foreign_frees,
+        ..Counts::default()
+    };
+    assert_eq!(c, misuse);
+    assert_eq!(heap.stats().live_bytes, 0);
 }
 
 /// `release_thread_cache` is an explicit thread exit for one heap: the thread's pages are
