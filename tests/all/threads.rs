@@ -7,7 +7,7 @@ use crate::support::{
     assert_disjoint, free_all, link_block, scaled, varied_size, Block, Chain, Counts,
 };
 use mapialloc::{FreeOutcome, Heap, Root, Scode};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Barrier};
 use std::thread;
 
@@ -376,6 +376,61 @@ fn two_threads_racing_to_free_the_same_large_roots() {
         ..Counts::default()
     };
     assert_eq!(c, misuse);
+    assert_eq!(heap.stats().live_bytes, 0);
+}
+
+/// Page ownership changing hands while blocks come back: short-lived producers allocate
+/// chains and exit while a consumer is still freeing them (remote frees onto pages being
+/// abandoned), and an adopter allocates and frees all along (adopting those pages on refill,
+/// draining their thread-free lists while frees still land). Any block handed out twice, or
+/// returned to the wrong list, shows up as a clobbered pattern when its chain is freed, or as
+/// a live count that does not return to zero.
+#[test]
+fn remote_frees_racing_thread_exit_and_adoption() {
+    let heap = Heap::new();
+    let producers = scaled(200, 4);
+    let per_producer = scaled(50, 5);
+    let (tx, rx) = mpsc::channel::<Chain<'_>>();
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        s.spawn(|| {
+            for chain in rx {
+                assert_eq!(chain.free(), FreeOutcome::Freed);
+            }
+        });
+        s.spawn(|| {
+            let mut window = std::collections::VecDeque::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                window.push_back(varied_chain(&heap, i, tag_of(1 << 20, i)));
+                if window.len() > 64 {
+                    let oldest = window.pop_front().expect("non-empty");
+                    assert_eq!(oldest.free(), FreeOutcome::Freed);
+                }
+                if i % 1000 == 999 {
+                    heap.collect();
+                }
+                i += 1;
+            }
+            free_all(window);
+        });
+        for p in 0..producers {
+            let tx = tx.clone();
+            let heap = &heap;
+            s.spawn(move || {
+                for i in 0..per_producer {
+                    tx.send(varied_chain(heap, i + p, tag_of(p, i)))
+                        .expect("consumer alive");
+                }
+            })
+            .join()
+            .expect("producer panicked");
+        }
+        drop(tx);
+        stop.store(true, Ordering::Relaxed);
+    });
+    heap.collect();
+    assert_eq!(Counts::of(&heap), Counts::default());
     assert_eq!(heap.stats().live_bytes, 0);
 }
 
