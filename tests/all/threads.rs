@@ -1,7 +1,8 @@
 //! MAPI is free-threaded (SPEC): any thread may allocate, link to or free any root, and the
 //! calls may race on one root. These tests run the cross-thread paths: frees on a thread that
 //! does not own the pages, many threads linking to one root, frees racing each other or a
-//! link, and threads that come and go.
+//! link (small and large roots, and with the parent's page recycled mid-link), threads that
+//! come and go, and pages changing owner while remote frees land on them.
 
 use crate::support::{
     assert_disjoint, free_all, link_block, scaled, varied_size, Block, Chain, Counts,
