@@ -122,6 +122,7 @@ fn boundary<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// The only answer to a panic at the boundary (kept out of line: it never runs).
 #[cold]
 #[inline(never)]
 fn abort_after_panic() -> ! {
@@ -302,8 +303,8 @@ pub unsafe extern "system" fn mapialloc_mem_alloc_routines(
 
 /// Fills `*lpStats` with a snapshot of the default heap's counters.
 ///
-/// Returns `S_OK`, or `MAPI_E_INVALID_PARAMETER` when `lpStats` is NULL. Takes no lock and
-/// allocates nothing.
+/// Returns `S_OK`, or `MAPI_E_INVALID_PARAMETER` when `lpStats` is NULL. Reads the
+/// counters without taking a lock; any thread may call it at any time.
 ///
 /// # Safety
 /// - `lpStats` is NULL, or aligned and valid for writing one `struct mapialloc_stats`.

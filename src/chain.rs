@@ -164,18 +164,11 @@ impl Header {
             .store(Meta::new(Kind::Linked, class).0, Ordering::Release);
     }
 
-    /// Marks a block that its owner is giving back as free: links to it fail from now on.
+    /// Marks a linked block of `class` that its owner is giving back as free: links to it
+    /// fail and frees of it are double frees from now on. (A root is marked by `close`.)
     #[inline]
-    pub(crate) fn finish(&self) {
-        let link = self.link.load(Ordering::Relaxed);
-        // A closed root keeps its generation; a linked block's word holds no generation.
-        let generation = if link & LINKED_TAG == 0 {
-            link & GENERATION
-        } else {
-            0
-        };
-        self.link.store(generation | CLOSED, Ordering::Relaxed);
-        let class = Meta(self.meta.load(Ordering::Relaxed)).class();
+    pub(crate) fn finish(&self, class: u8) {
+        self.link.store(CLOSED, Ordering::Relaxed);
         self.meta
             .store(Meta::new(Kind::Free, class).0, Ordering::Relaxed);
     }
@@ -206,11 +199,11 @@ impl Header {
         }
     }
 
-    /// Wins and closes a root in one CAS (see the module docs). Returns its chain, newest block
+    /// Wins and closes a root (whose `meta` read `seen`) in one CAS (see the module docs). Returns its chain, newest block
     /// first, to the one caller that wins; `None` to a double free (already closed, or freed
     /// and handed out again since this caller first read it).
     #[inline]
-    pub(crate) fn close(&self) -> Option<Chain> {
+    pub(crate) fn close(&self, seen: Meta) -> Option<Chain> {
         let mut word = self.link.load(Ordering::Relaxed);
         let generation = word & GENERATION;
         loop {
@@ -237,9 +230,8 @@ impl Header {
             match closed {
                 Ok(_) => {
                     // Release: a validator that reads `Free` (Acquire) sees the root closed.
-                    let class = Meta(self.meta.load(Ordering::Relaxed)).class();
                     self.meta
-                        .store(Meta::new(Kind::Free, class).0, Ordering::Release);
+                        .store(Meta::new(Kind::Free, seen.class()).0, Ordering::Release);
                     return Some(Chain {
                         next: word & ADDRESS,
                     });

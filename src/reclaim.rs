@@ -1,47 +1,60 @@
-//! Epoch reclamation: the page pool, the abandoned-page stack, and retiring large spans.
+//! Reclamation: the page pool, the abandoned-page stack, and retiring pages and large spans
+//! through crossbeam-epoch.
 //!
-//! Both stacks are Treiber stacks of page descriptors linked through `Page::next`. A pop runs
-//! pinned, and every push of a page that has ever been popped is deferred through the heap's
-//! crossbeam-epoch collector. So while a popper holds a head it read, that page cannot come
-//! back onto any stack: no ABA, no tag bits. The same grace period is what keeps a freed page
-//! from being re-initialised for another class while a thread that read its descriptor before
-//! the release is still inside its call.
+//! Both stacks are Treiber stacks of page descriptors linked through `Page::next`, with a
+//! 16-bit tag in the head word that every pop bumps, so a page popped and pushed back while a
+//! racing pop still holds it as the head makes that pop's CAS fail (no ABA). Descriptors are
+//! never freed while the heap lives, so reading a stale head's `next` is always safe.
+//!
+//! The epoch is the grace period: a page that falls empty goes back to the pool only once
+//! every thread that was inside a call when it emptied has left it, so it is never
+//! re-initialised for another class under a thread still reading its descriptor; a large span
+//! leaves the registry at once and is unmapped the same way (see `segment`). Pages of exited
+//! threads go onto the abandoned stack at once: they still hold live blocks, nothing reuses
+//! them until a thread adopts them.
 //!
 //! Pages pushed to the pool past `POOL_COMMITTED_PAGES` are decommitted on the way in, so a
-//! heap that has freed everything holds at most that much idle memory. Large spans leave the
-//! registry at once and are unmapped after a grace period (see `segment`).
+//! heap that has freed everything holds at most that much idle memory.
 
 use crate::page::Page;
 use crate::segment::{os, LargeSpan, PAGE_SIZE};
-use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::{AtomicUsize, Ordering};
 use crossbeam_epoch::Guard;
-use std::ptr;
 
 /// Idle pages the pool keeps committed (1 MiB in normal builds).
 const POOL_COMMITTED_PAGES: usize = 16;
 
+/// The pop count kept in a stack head's top bits (descriptor addresses stay below 2^48).
+const TAG_SHIFT: u32 = 48;
+const ADDRESS: usize = (1 << TAG_SHIFT) - 1;
+
 /// A lock-free stack of pages (see the module docs for why it is ABA-free).
 pub(crate) struct PageStack {
-    head: AtomicPtr<Page>,
+    /// Tag (top 16 bits) and the top page's address.
+    head: AtomicUsize,
 }
 
 impl PageStack {
     pub(crate) fn new() -> PageStack {
         PageStack {
-            head: AtomicPtr::new(ptr::null_mut()),
+            head: AtomicUsize::new(0),
         }
     }
 
-    /// Pushes now. Only for pages that no thread can be holding as a popped head: pages of a
-    /// segment that was just mapped, and deferred pushes whose grace period has passed.
-    pub(crate) fn push_now(&self, page: &Page) {
+    /// Pushes a page that the caller owns.
+    pub(crate) fn push(&self, page: &Page) {
+        let address = page as *const Page as usize;
+        debug_assert_eq!(address & !ADDRESS, 0);
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
-            page.next.store(head, Ordering::Relaxed);
+            page.next.store(
+                std::ptr::with_exposed_provenance_mut(head & ADDRESS),
+                Ordering::Relaxed,
+            );
             // Release: pairs with the Acquire in `pop`, handing over the page's fields.
             match self.head.compare_exchange_weak(
                 head,
-                page as *const Page as *mut Page,
+                head & !ADDRESS | address,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
@@ -51,23 +64,32 @@ impl PageStack {
         }
     }
 
-    /// Pops a page; the guard proves the caller is pinned (see the module docs).
-    pub(crate) fn pop<'a>(&'a self, _guard: &Guard) -> Option<&'a Page> {
+    /// Whether the stack looks empty (a hint: it may change at once).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head.load(Ordering::Relaxed) & ADDRESS == 0
+    }
+
+    /// Pops a page; the caller owns it from then on.
+    pub(crate) fn pop(&self) -> Option<&Page> {
         let mut head = self.head.load(Ordering::Acquire);
         loop {
-            if head.is_null() {
+            let top: *const Page = std::ptr::with_exposed_provenance(head & ADDRESS);
+            if top.is_null() {
                 return None;
             }
-            // SAFETY: page descriptors live as long as the heap; pinned, `head` cannot be
-            // pushed again before our CAS (pushes of popped pages are deferred).
-            let next = unsafe { (*head).next.load(Ordering::Relaxed) };
-            // Acquire: pairs with the Release CAS in `push_now`.
-            match self
-                .head
-                .compare_exchange_weak(head, next, Ordering::Acquire, Ordering::Acquire)
-            {
+            // SAFETY: page descriptors live as long as the heap. If `top` was popped and
+            // pushed again meanwhile, the tag changed and the CAS below fails.
+            let next = unsafe { (*top).next.load(Ordering::Relaxed) } as usize;
+            let popped = (head & !ADDRESS).wrapping_add(1 << TAG_SHIFT) | next;
+            // Acquire: pairs with the Release CAS in `push`.
+            match self.head.compare_exchange_weak(
+                head,
+                popped,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
                 // SAFETY: as above; the page is ours now.
-                Ok(_) => return Some(unsafe { &*head }),
+                Ok(_) => return Some(unsafe { &*top }),
                 Err(seen) => head = seen,
             }
         }
@@ -100,8 +122,8 @@ impl Reclaim {
     }
 
     /// Takes a free page from the pool, committing it (in the accounts) if needed.
-    pub(crate) fn take_page(&self, guard: &Guard) -> Option<&Page> {
-        let page = self.pool.pop(guard)?;
+    pub(crate) fn take_page(&self) -> Option<&Page> {
+        let page = self.pool.pop()?;
         if page.mark_committed(true) {
             self.committed.add(PAGE_SIZE);
         } else {
@@ -122,19 +144,10 @@ impl Reclaim {
         guard.flush();
     }
 
-    /// Puts a page of a thread that exited on the abandoned stack after a grace period.
-    pub(crate) fn abandon_page(&self, page: &Page, guard: &Guard) {
+    /// Puts a page of a thread that exited, with live blocks, on the abandoned stack.
+    pub(crate) fn abandon_page(&self, page: &Page) {
         page.set_owner(0);
-        let this = self as *const Reclaim;
-        let page = page as *const Page;
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as in `retire_page`.
-        unsafe {
-            guard.defer_unchecked(move || {
-                (*this).abandoned.push_now(&*page);
-                (*this).pending.fetch_sub(1, Ordering::Relaxed);
-            })
-        };
+        self.abandoned.push(page);
     }
 
     /// Whether deferred returns are still waiting for their grace period.
@@ -153,7 +166,7 @@ impl Reclaim {
         } else if page.is_committed() {
             self.pool_committed.fetch_add(1, Ordering::Relaxed);
         }
-        self.pool.push_now(page);
+        self.pool.push(page);
     }
 
     /// Unmaps a large span (already out of the registry) after a grace period.

@@ -215,7 +215,8 @@ impl SmallSegment {
     /// The page holding `addr` (which lies in this segment).
     #[inline]
     pub(crate) fn page_of(&self, addr: usize) -> &Page {
-        &self.pages[(addr - self.base) >> PAGE_SHIFT]
+        // The mask is a no-op for addresses in the segment and spares the bounds check.
+        &self.pages[((addr - self.base) >> PAGE_SHIFT) & (PAGES_PER_SEGMENT - 1)]
     }
 }
 

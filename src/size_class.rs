@@ -61,7 +61,35 @@ mod table {
     }
 }
 
-pub(crate) use table::{block_size, NUM_CLASSES};
+pub(crate) use table::NUM_CLASSES;
+
+/// Block sizes by class, computed at compile time so the fast paths index instead of branch.
+const BLOCK_SIZES: [usize; NUM_CLASSES] = {
+    let mut sizes = [0; NUM_CLASSES];
+    let mut class = 0;
+    while class < NUM_CLASSES {
+        sizes[class] = table::block_size(class);
+        class += 1;
+    }
+    sizes
+};
+
+/// Classes of the blocks up to 512 bytes, indexed by block size / 16.
+const SMALL_CLASSES: [u8; 33] = {
+    let mut classes = [0; 33];
+    let mut i = 0;
+    while i < 33 {
+        classes[i] = table::class_of_block(i * ALIGN) as u8;
+        i += 1;
+    }
+    classes
+};
+
+/// Block size (header included) of class `class`.
+#[inline]
+pub(crate) const fn block_size(class: usize) -> usize {
+    BLOCK_SIZES[class]
+}
 
 /// The largest block a small class serves (header included).
 pub(crate) const MAX_BLOCK_SIZE: usize = block_size(NUM_CLASSES - 1);
@@ -75,7 +103,11 @@ pub(crate) fn class_of(size: usize) -> Option<usize> {
     if size > MAX_SMALL_REQUEST {
         return None;
     }
-    Some(table::class_of_block(size + HEADER_SIZE))
+    let block = (size + HEADER_SIZE + ALIGN - 1) & !(ALIGN - 1);
+    if block <= 512 {
+        return Some(SMALL_CLASSES[block / ALIGN] as usize);
+    }
+    Some(table::class_of_block(block))
 }
 
 /// Usable bytes of a block of class `class`.

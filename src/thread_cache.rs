@@ -13,11 +13,12 @@
 //! * free_buffer of a root: 2 (win CAS, close swap), plus 1 CAS per run of consecutive remote
 //!   blocks of one page in the chain. Emptying a page adds an epoch pin.
 //!
-//! Nothing here pins the epoch on a fast path: small segments are never unmapped while the
-//! heap lives, so a pointer the registry maps to one can be checked unpinned. Large spans, the
-//! page stacks and page retirement pin, at most once per call.
+//! Only retiring pins the epoch: small segments are never unmapped while the heap lives, so a
+//! pointer the registry maps to one can be checked unpinned, and the page stacks are ABA-safe
+//! on their own. Retiring a page or a large span, and validating a pointer into a large span,
+//! pin, at most once per call.
 
-use crate::chain::{Chain, Header, Kind, NotAnOpenRoot, HEADER_SIZE, LARGE_CLASS};
+use crate::chain::{Header, Kind, NotAnOpenRoot, HEADER_SIZE, LARGE_CLASS};
 use crate::page::{link_blocks, Page};
 use crate::reclaim::Reclaim;
 use crate::scode::Scode;
@@ -102,6 +103,8 @@ struct RemoteBatch<'a> {
     first: *const Header,
     last: *const Header,
     count: u64,
+    /// Whether a flushed page had no owner (its thread exited).
+    hit_abandoned: bool,
 }
 
 /// One thread's cache for one heap.
@@ -172,8 +175,9 @@ impl ThreadCache {
             Err(NotAnOpenRoot) => {
                 // The parent was freed (or its block reused as a linked one) since we checked
                 // it: the block was never published, so it simply goes back.
+                block.finish(class);
                 let mut batch = RemoteBatch::new();
-                self.release_block(block, self.home_of(block), &mut batch, &mut guard);
+                self.give_back(block, class, self.home_of(block), &mut batch, &mut guard);
                 self.flush_batch(&mut batch);
                 Err(self.bad_parent())
             }
@@ -186,21 +190,20 @@ impl ThreadCache {
     }
 
     /// A block for `size` bytes (not yet started), its class byte and usable size.
-    #[inline]
+    #[inline(always)]
     fn alloc_block(&mut self, size: usize) -> Result<(&'static Header, u8, usize), Scode> {
-        match class_of(size) {
-            Some(class) => {
-                if let Some(page) = self.current[class] {
-                    // SAFETY: pages on our lists are descriptors of live segments.
-                    if let Some(block) = unsafe { page.as_ref() }.pop() {
-                        return Ok((extend(block), class as u8, usable_size(class)));
-                    }
-                }
-                self.alloc_small_slow(class)
-                    .map(|b| (b, class as u8, usable_size(class)))
-            }
-            None => self.alloc_large(size),
-        }
+        let Some(class) = class_of(size) else {
+            return self.alloc_large(size);
+        };
+        let block = match self.current[class] {
+            // SAFETY: pages on our lists are descriptors of live segments.
+            Some(page) => match unsafe { page.as_ref() }.pop() {
+                Some(block) => extend(block),
+                None => self.alloc_small_slow(class)?,
+            },
+            None => self.alloc_small_slow(class)?,
+        };
+        Ok((block, class as u8, usable_size(class)))
     }
 
     #[cold]
@@ -215,23 +218,18 @@ impl ThreadCache {
                 return Ok(extend(block));
             }
         }
-        let guard = self.handle.pin();
-        let (page, block) = self.fresh_block(class, &guard)?;
+        let (page, block) = self.fresh_block(class)?;
         self.current[class] = Some(NonNull::from(page));
         Ok(block)
     }
 
     /// A block of `class` from a page new to this cache: adopted, from the pool, or from a
     /// new segment.
-    fn fresh_block(
-        &mut self,
-        class: usize,
-        guard: &Guard,
-    ) -> Result<(&'static Page, &'static Header), Scode> {
+    fn fresh_block(&mut self, class: usize) -> Result<(&'static Page, &'static Header), Scode> {
         let shared = self.shared.clone();
         let reclaim = &shared.reclaim;
         for _ in 0..ADOPT_PER_REFILL {
-            let Some(page) = reclaim.abandoned.pop(guard) else {
+            let Some(page) = reclaim.abandoned.pop() else {
                 break;
             };
             let page = extend(page);
@@ -249,7 +247,7 @@ impl ThreadCache {
                 }
             }
         }
-        let page = match reclaim.take_page(guard) {
+        let page = match reclaim.take_page() {
             Some(page) => extend(page),
             None => self.map_segment()?,
         };
@@ -266,7 +264,7 @@ impl ThreadCache {
         let (first, rest) = segment.pages().split_first().expect("segments have pages");
         for page in rest {
             // Fresh pages were never popped, so they may be pushed without a grace period.
-            self.shared.reclaim.pool.push_now(page);
+            self.shared.reclaim.pool.push(page);
         }
         if first.mark_committed(true) {
             self.shared.reclaim.committed.add(crate::segment::PAGE_SIZE);
@@ -274,6 +272,7 @@ impl ThreadCache {
         Ok(first)
     }
 
+    #[cold]
     fn alloc_large(&mut self, size: usize) -> Result<(&'static Header, u8, usize), Scode> {
         if size > MAX_BUFFER_SIZE {
             return Err(Scode::MAPI_E_NOT_ENOUGH_MEMORY);
@@ -313,93 +312,105 @@ impl ThreadCache {
     // ----- free -----
 
     /// Frees the root at `user` and its chain, or answers the misuse per SPEC.
+    #[inline]
     pub(crate) fn free_buffer(&mut self, user: *mut u8) -> FreeOutcome {
         if user.is_null() {
             return FreeOutcome::Null;
         }
         let mut guard = None;
         let Some((root, home)) = self.locate(user as usize, &mut guard) else {
-            self.count(Counter::ForeignFrees, 1);
-            return FreeOutcome::Foreign;
+            return self.misuse(FreeOutcome::Foreign);
         };
-        let (outcome, counter) = match root.meta().kind() {
-            // A carved block boundary whose header reads as nothing: the page was emptied and
-            // decommitted after this root was freed.
-            None => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
-            Some(Kind::Linked) => (FreeOutcome::LinkedBlock, Counter::LinkedFrees),
-            Some(Kind::Free) => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
-            Some(Kind::Root) => match root.close() {
-                Some(chain) => {
-                    self.free_chain(root, home, chain, &mut guard);
-                    return FreeOutcome::Freed;
-                }
-                None => (FreeOutcome::DoubleFree, Counter::DoubleFrees),
-            },
+        let meta = root.meta();
+        match meta.kind() {
+            Some(Kind::Root) => {}
+            Some(Kind::Linked) => return self.misuse(FreeOutcome::LinkedBlock),
+            // `None`: a carved block boundary whose header reads as nothing, i.e. the page
+            // was emptied and decommitted after this root was freed.
+            Some(Kind::Free) | None => return self.misuse(FreeOutcome::DoubleFree),
+        }
+        let Some(chain) = root.close(meta) else {
+            return self.misuse(FreeOutcome::DoubleFree);
+        };
+        let mut batch = RemoteBatch::new();
+        let (mut blocks, mut bytes) = (1, 0);
+        for linked in chain {
+            // SAFETY: chain blocks are live until we give them back just below.
+            let linked = unsafe { &*linked };
+            let class = linked.meta().class();
+            linked.finish(class);
+            bytes += self.give_back(linked, class, self.home_of(linked), &mut batch, &mut guard);
+            blocks += 1;
+        }
+        // `close` already marked the root free.
+        bytes += self.give_back(root, meta.class(), home, &mut batch, &mut guard);
+        self.flush_batch(&mut batch);
+        if batch.hit_abandoned {
+            drop(guard);
+            self.reclaim_abandoned();
+        }
+        self.count(Counter::RootsFreed, 1);
+        self.count(Counter::BlocksFreed, blocks);
+        self.count(Counter::BytesFreed, bytes as u64);
+        FreeOutcome::Freed
+    }
+
+    /// Counts a misused free and answers it.
+    #[cold]
+    fn misuse(&self, outcome: FreeOutcome) -> FreeOutcome {
+        let counter = match outcome {
+            FreeOutcome::Foreign => Counter::ForeignFrees,
+            FreeOutcome::LinkedBlock => Counter::LinkedFrees,
+            _ => Counter::DoubleFrees,
         };
         self.count(counter, 1);
         outcome
     }
 
-    /// Gives back every block of a closed chain, then its root.
-    fn free_chain(&mut self, root: &Header, home: Home, chain: Chain, guard: &mut Option<Guard>) {
-        let mut batch = RemoteBatch::new();
-        let (mut blocks, mut bytes) = (1u64, 0u64);
-        for linked in chain {
-            // SAFETY: chain blocks are live until we give them back just below.
-            let linked = unsafe { &*linked };
-            bytes += self.release_block(linked, self.home_of(linked), &mut batch, guard) as u64;
-            blocks += 1;
-        }
-        bytes += self.release_block(root, home, &mut batch, guard) as u64;
-        self.flush_batch(&mut batch);
-        self.count(Counter::RootsFreed, 1);
-        self.count(Counter::BlocksFreed, blocks);
-        self.count(Counter::BytesFreed, bytes);
-    }
-
     /// Where a live block of ours lives.
+    #[inline]
     fn home_of(&self, block: &Header) -> Home {
-        match self.shared.registry.lookup(block as *const Header as usize) {
-            Some(Region::Small(segment)) => {
-                Home::Page(extend(segment.page_of(block as *const Header as usize)))
-            }
+        let addr = block as *const Header as usize;
+        match self.shared.registry.lookup(addr) {
+            Some(Region::Small(segment)) => Home::Page(extend(segment.page_of(addr))),
             Some(Region::Large(span)) => Home::Span(span),
             None => unreachable!("a live block is always in the registry"),
         }
     }
 
-    /// Gives one owned block back to its page or span; returns its usable size.
-    fn release_block<'a>(
+    /// Gives one owned, finished block of `class` back to its page or span; returns its
+    /// usable size.
+    #[inline]
+    fn give_back<'a>(
         &mut self,
         block: &'a Header,
+        class: u8,
         home: Home,
         batch: &mut RemoteBatch<'a>,
         guard: &mut Option<Guard>,
     ) -> usize {
-        let class = block.meta().class();
-        block.finish();
         match home {
-            Home::Page(page) => {
-                if page.owner() == self.id {
-                    if page.push_local(block) {
-                        self.page_emptied(page, guard);
-                    }
-                } else {
-                    batch.add(page, block, self);
+            Home::Page(page) if page.owner() == self.id => {
+                if page.push_local(block) {
+                    self.page_emptied(page, guard);
                 }
-                usable_size(class as usize)
             }
-            Home::Span(span) => {
-                debug_assert_eq!(class, LARGE_CLASS);
-                let guard = guard.get_or_insert_with(|| self.handle.pin());
-                // SAFETY: the span's block is ours to free, so the span is registered and this
-                // thread is the only one that removes it.
-                let span = unsafe { self.shared.registry.remove_large(span) };
-                let usable = span.len - HEADER_SIZE;
-                self.shared.reclaim.retire_span(span, guard);
-                usable
-            }
+            Home::Page(page) => batch.add(page, block, self),
+            Home::Span(span) => return self.release_span(span, guard),
         }
+        usable_size(class as usize)
+    }
+
+    /// Unmaps a large block's span after a grace period; returns its usable size.
+    #[cold]
+    fn release_span(&self, span: *const LargeSpan, guard: &mut Option<Guard>) -> usize {
+        let guard = guard.get_or_insert_with(|| self.handle.pin());
+        // SAFETY: the span's block is ours to free, so the span is registered and this thread
+        // is the only one that removes it.
+        let span = unsafe { self.shared.registry.remove_large(span) };
+        let usable = span.len - HEADER_SIZE;
+        self.shared.reclaim.retire_span(span, guard);
+        usable
     }
 
     fn flush_batch(&self, batch: &mut RemoteBatch<'_>) {
@@ -407,6 +418,34 @@ impl ThreadCache {
             // SAFETY: the batch holds blocks we own, all of `page`, linked first..=last.
             unsafe { page.push_remote(batch.first, batch.last) };
             self.count(Counter::RemoteFrees, batch.count);
+            batch.hit_abandoned |= page.owner() == 0;
+        }
+    }
+
+    /// Blocks were freed onto pages whose threads have exited: adopt a few abandoned pages so
+    /// that they are drained, and pooled once empty, even if no thread allocates again.
+    #[cold]
+    fn reclaim_abandoned(&mut self) {
+        if self.shared.reclaim.abandoned.is_empty() {
+            return;
+        }
+        let guard = self.handle.pin();
+        for _ in 0..ADOPT_PER_REFILL {
+            let Some(page) = self.shared.reclaim.abandoned.pop() else {
+                break;
+            };
+            self.adopt(extend(page), &guard);
+        }
+    }
+
+    /// Takes an abandoned page (popped from the stack) as ours; pools it if it is empty.
+    fn adopt(&mut self, page: &'static Page, guard: &Guard) {
+        page.set_owner(self.id);
+        self.add_page(page);
+        page.drain_thread_free();
+        if page.used() == 0 {
+            self.remove_page(page);
+            self.shared.reclaim.retire_page(page, guard);
         }
     }
 
@@ -422,7 +461,8 @@ impl ThreadCache {
     }
 
     /// Finds the block whose user pointer is `user`, without reading anything the registry
-    /// does not vouch for. Pins (into `guard`) only for large spans.
+    /// does not vouch for. Small segments need no pin (see the module docs).
+    #[inline]
     fn locate(&self, user: usize, guard: &mut Option<Guard>) -> Option<(&'static Header, Home)> {
         if user % ALIGN != 0 {
             return None;
@@ -433,21 +473,29 @@ impl ThreadCache {
                 page.block_at(user)
                     .map(|header| (extend(header), Home::Page(page)))
             }
-            Region::Large(_) => {
-                guard.get_or_insert_with(|| self.handle.pin());
-                // Look again, pinned: an entry seen now stays readable until we unpin.
-                let Region::Large(span) = self.shared.registry.lookup(user)? else {
-                    return None;
-                };
-                // SAFETY: registered while we are pinned, so not yet retired.
-                let base = unsafe { (*span).base };
-                if user != base + HEADER_SIZE {
-                    return None;
-                }
-                // SAFETY: the span starts with a header written before it was registered.
-                Some((unsafe { &*Header::of_user(user) }, Home::Span(span)))
-            }
+            Region::Large(_) => self.locate_large(user, guard),
         }
+    }
+
+    /// `locate` for a large span: pins (into `guard`) and looks again, since an entry seen
+    /// while pinned stays readable until we unpin.
+    #[cold]
+    fn locate_large(
+        &self,
+        user: usize,
+        guard: &mut Option<Guard>,
+    ) -> Option<(&'static Header, Home)> {
+        guard.get_or_insert_with(|| self.handle.pin());
+        let Region::Large(span) = self.shared.registry.lookup(user)? else {
+            return None;
+        };
+        // SAFETY: registered while we are pinned, so not yet retired.
+        let base = unsafe { (*span).base };
+        if user != base + HEADER_SIZE {
+            return None;
+        }
+        // SAFETY: the span starts with a header written before it was registered.
+        Some((unsafe { &*Header::of_user(user) }, Home::Span(span)))
     }
 
     // ----- maintenance -----
@@ -456,10 +504,8 @@ impl ThreadCache {
     /// epoch advance so deferred returns run.
     pub(crate) fn collect(&mut self) {
         let guard = self.handle.pin();
-        while let Some(page) = self.shared.reclaim.abandoned.pop(&guard) {
-            let page = extend(page);
-            page.set_owner(self.id);
-            self.add_page(page);
+        while let Some(page) = self.shared.reclaim.abandoned.pop() {
+            self.adopt(extend(page), &guard);
         }
         for class in 0..NUM_CLASSES {
             for i in (0..self.pages[class].len()).rev() {
@@ -496,7 +542,7 @@ impl ThreadCache {
                 if page.used() == 0 {
                     self.shared.reclaim.retire_page(page, &guard);
                 } else {
-                    self.shared.reclaim.abandon_page(page, &guard);
+                    self.shared.reclaim.abandon_page(page);
                 }
             }
             self.current[class] = None;
@@ -520,6 +566,7 @@ impl<'a> RemoteBatch<'a> {
             first: ptr::null(),
             last: ptr::null(),
             count: 0,
+            hit_abandoned: false,
         }
     }
 
@@ -535,12 +582,10 @@ impl<'a> RemoteBatch<'a> {
             }
             _ => {
                 cache.flush_batch(self);
-                *self = RemoteBatch {
-                    page: Some(page),
-                    first: block,
-                    last: block,
-                    count: 1,
-                };
+                self.page = Some(page);
+                self.first = block;
+                self.last = block;
+                self.count = 1;
             }
         }
     }
