@@ -199,8 +199,8 @@ SCODE mapialloc_mem_alloc_routines(LPALLOCATEBUFFER *lpAllocateBuffer,
 /**
  * Fills `*lpStats` with a snapshot of the default heap's counters.
  *
- * Returns `S_OK`, or `MAPI_E_INVALID_PARAMETER` when `lpStats` is NULL. Takes no lock and
- * allocates nothing.
+ * Returns `S_OK`, or `MAPI_E_INVALID_PARAMETER` when `lpStats` is NULL. Reads the
+ * counters without taking a lock; any thread may call it at any time.
  *
  * # Safety
  * - `lpStats` is NULL, or aligned and valid for writing one `struct mapialloc_stats`.
