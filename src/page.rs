@@ -17,7 +17,7 @@
 //! Locked instructions: pop and local push none; a remote batch push one CAS per attempt; a
 //! drain one swap.
 
-use crate::chain::{Header, HEADER_SIZE};
+use crate::chain::{Header, Meta, HEADER_SIZE};
 use crate::segment::{PAGE_MAX_BLOCKS, PAGE_SIZE};
 use crate::size_class::block_size;
 use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
@@ -154,10 +154,15 @@ impl Page {
         (PAGE_SIZE / self.block_size.load(Ordering::Relaxed)).min(PAGE_MAX_BLOCKS)
     }
 
-    /// The header of the block whose user pointer is `user`, if `user` is exactly the user
-    /// pointer of a block carved in this page (for any thread; never reads block memory).
+    /// The header of the block whose user pointer is `user`, and its `meta`, if `user` is
+    /// exactly the user pointer of a block carved in this page.
+    ///
+    /// Any thread may ask. A thread that does not own the page must be pinned: then the page
+    /// cannot be retired and re-initialised for another class between this check and the
+    /// caller's CAS on the header unless it was already retired before the pin, and in that
+    /// case the layout re-check below catches a re-initialisation that raced this read.
     #[inline]
-    pub(crate) fn block_at(&self, user: usize) -> Option<&Header> {
+    pub(crate) fn block_at(&self, user: usize) -> Option<(&Header, Meta)> {
         // Acquire: pairs with the Release in `init`/`carve`, so the size and count agree with
         // the headers they describe.
         let size = self.block_size.load(Ordering::Acquire);
@@ -168,9 +173,16 @@ impl Page {
         if size == 0 || index * size != offset || index >= self.reserved.load(Ordering::Acquire) {
             return None;
         }
-        // SAFETY: block `index` was carved, so its header was written and the page's
-        // memory stays mapped while the heap lives.
-        Some(unsafe { &*Header::of_user(user) })
+        // SAFETY: block `index` was carved, so its header was written, and the page's memory
+        // stays mapped while the heap lives.
+        let header = unsafe { &*Header::of_user(user) };
+        let meta = header.meta();
+        // Like a seqlock reader: the Acquire load of `meta` keeps this load after it, so an
+        // unchanged size means the header read belongs to the layout checked above.
+        if self.block_size.load(Ordering::Relaxed) != size {
+            return None;
+        }
+        Some((header, meta))
     }
 
     /// Owner: pops a free block.

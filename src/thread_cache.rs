@@ -13,12 +13,13 @@
 //! * free_buffer of a root: 2 (win CAS, close swap), plus 1 CAS per run of consecutive remote
 //!   blocks of one page in the chain. Emptying a page adds an epoch pin.
 //!
-//! Only retiring pins the epoch: small segments are never unmapped while the heap lives, so a
-//! pointer the registry maps to one can be checked unpinned, and the page stacks are ABA-safe
-//! on their own. Retiring a page or a large span, and validating a pointer into a large span,
-//! pin, at most once per call.
+//! Epoch pins, at most one per call: a call on a root in a page this cache owns (the lone
+//! root, a provider building its own property set) pins nothing, since no other thread can
+//! retire or re-initialise that page. A call on any other page pins before it validates the
+//! pointer (see `locate`), as does anything touching a large span, and retiring. The page
+//! stacks are ABA-safe on their own, so refills never pin.
 
-use crate::chain::{Header, Kind, NotAnOpenRoot, HEADER_SIZE, LARGE_CLASS};
+use crate::chain::{Header, Kind, Meta, NotAnOpenRoot, HEADER_SIZE, LARGE_CLASS};
 use crate::page::{link_blocks, Page};
 use crate::reclaim::Reclaim;
 use crate::scode::Scode;
@@ -161,7 +162,7 @@ impl ThreadCache {
     ) -> Result<NonNull<u8>, Scode> {
         let mut guard = None;
         let root = match self.locate(parent as usize, &mut guard) {
-            Some((header, _)) if header.meta().kind() == Some(Kind::Root) => header,
+            Some((header, meta, _)) if meta.kind() == Some(Kind::Root) => header,
             _ => return Err(self.bad_parent()),
         };
         let (block, class, usable) = self.alloc_block(size)?;
@@ -318,10 +319,9 @@ impl ThreadCache {
             return FreeOutcome::Null;
         }
         let mut guard = None;
-        let Some((root, home)) = self.locate(user as usize, &mut guard) else {
+        let Some((root, meta, home)) = self.locate(user as usize, &mut guard) else {
             return self.misuse(FreeOutcome::Foreign);
         };
-        let meta = root.meta();
         match meta.kind() {
             Some(Kind::Root) => {}
             Some(Kind::Linked) => return self.misuse(FreeOutcome::LinkedBlock),
@@ -460,18 +460,29 @@ impl ThreadCache {
         self.shared.reclaim.retire_page(page, guard);
     }
 
-    /// Finds the block whose user pointer is `user`, without reading anything the registry
-    /// does not vouch for. Small segments need no pin (see the module docs).
+    /// Finds the block whose user pointer is `user` and reads its `meta`, without reading
+    /// anything the registry does not vouch for.
+    ///
+    /// A page this cache owns cannot change layout under it, so checking a block there needs
+    /// no pin. Any other page could be retired and re-initialised for another class while we
+    /// check and then CAS its header: pinning first (into `guard`) makes that wait for us.
     #[inline]
-    fn locate(&self, user: usize, guard: &mut Option<Guard>) -> Option<(&'static Header, Home)> {
+    fn locate(
+        &self,
+        user: usize,
+        guard: &mut Option<Guard>,
+    ) -> Option<(&'static Header, Meta, Home)> {
         if user % ALIGN != 0 {
             return None;
         }
         match self.shared.registry.lookup(user)? {
             Region::Small(segment) => {
                 let page = extend(segment.page_of(user));
-                page.block_at(user)
-                    .map(|header| (extend(header), Home::Page(page)))
+                if page.owner() != self.id && guard.is_none() {
+                    *guard = Some(self.handle.pin());
+                }
+                let (header, meta) = page.block_at(user)?;
+                Some((extend(header), meta, Home::Page(page)))
             }
             Region::Large(_) => self.locate_large(user, guard),
         }
@@ -484,7 +495,7 @@ impl ThreadCache {
         &self,
         user: usize,
         guard: &mut Option<Guard>,
-    ) -> Option<(&'static Header, Home)> {
+    ) -> Option<(&'static Header, Meta, Home)> {
         guard.get_or_insert_with(|| self.handle.pin());
         let Region::Large(span) = self.shared.registry.lookup(user)? else {
             return None;
@@ -495,7 +506,8 @@ impl ThreadCache {
             return None;
         }
         // SAFETY: the span starts with a header written before it was registered.
-        Some((unsafe { &*Header::of_user(user) }, Home::Span(span)))
+        let header = unsafe { &*Header::of_user(user) };
+        Some((header, header.meta(), Home::Span(span)))
     }
 
     // ----- maintenance -----

@@ -191,9 +191,6 @@ fn link_racing_the_free_of_a_large_parent_never_leaks() {
 /// address); the linker links to the racer until refused, while this thread frees both
 /// roots, collects twice and allocates zeroed 8000-byte [`Root`]s, which take the pooled page.
 #[test]
-#[ignore = "engine bug: allocate_more pins no epoch on the small path, so the parent's page \
-            can be recycled between locate() and link(); the CAS then writes into another \
-            block and the new block leaks"]
 fn link_racing_free_and_page_recycling_never_corrupts_or_leaks() {
     let heap = Heap::new();
     let rounds = scaled(100, 4);
