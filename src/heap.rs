@@ -62,10 +62,24 @@ impl std::fmt::Debug for Heap {
 }
 
 impl Heap {
-    /// Creates an empty heap. It maps nothing until the first allocation.
+    /// Creates an empty heap. It maps nothing until the first allocation. With the
+    /// `hardened` feature the heap is hardened (see `Heap::hardened`).
     pub fn new() -> Heap {
         Heap {
-            shared: Arc::new(Shared::new()),
+            shared: Arc::new(Shared::new(cfg!(feature = "hardened"))),
+        }
+    }
+
+    /// Feature `hardened`: a heap with (`true`) or without the hardening the feature compiles
+    /// in. A hardened heap keeps freed blocks out of use until an epoch has passed (so two
+    /// threads racing to free one root have exactly one winner even under reuse pressure),
+    /// pins on every call, checks the header after each freed block (a write past a block's
+    /// end is counted in [`Stats::corruptions`] and its page never hands out a block again),
+    /// zeroes freed blocks, and with `MAPIALLOC_ABORT_ON_MISUSE=1` aborts at the first misuse.
+    #[cfg(feature = "hardened")]
+    pub fn hardened(enabled: bool) -> Heap {
+        Heap {
+            shared: Arc::new(Shared::new(enabled)),
         }
     }
 

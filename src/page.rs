@@ -54,6 +54,10 @@ pub(crate) struct Page {
     pub(crate) next: AtomicPtr<Page>,
     /// Whether the page's memory is committed (for accounting; owner or stack holder only).
     committed: AtomicUsize,
+    /// Hardened builds: a block header in this page was found overwritten, so its free lists
+    /// cannot be trusted: the page hands out nothing more and is never reused.
+    #[cfg(feature = "hardened")]
+    damaged: crate::sync::AtomicBool,
 }
 
 /// Reads the free-list link stored in a free block's first user word.
@@ -93,6 +97,8 @@ impl Page {
             thread_free: AtomicPtr::new(ptr::null_mut()),
             next: AtomicPtr::new(ptr::null_mut()),
             committed: AtomicUsize::new(0),
+            #[cfg(feature = "hardened")]
+            damaged: crate::sync::AtomicBool::new(false),
         }
     }
 
@@ -188,6 +194,10 @@ impl Page {
     /// Owner: pops a free block.
     #[inline]
     pub(crate) fn pop(&self) -> Option<&Header> {
+        #[cfg(feature = "hardened")]
+        if self.is_damaged() {
+            return None;
+        }
         let block = self.free.load(Ordering::Relaxed);
         if block.is_null() {
             return None;
@@ -205,6 +215,10 @@ impl Page {
     /// Returns whether `free` has a block now.
     #[cold]
     pub(crate) fn refill(&self) -> bool {
+        #[cfg(feature = "hardened")]
+        if self.is_damaged() {
+            return false;
+        }
         debug_assert!(self.free.load(Ordering::Relaxed).is_null());
         let local = self.local_free.swap(ptr::null_mut(), Ordering::Relaxed);
         if !local.is_null() {
@@ -332,6 +346,31 @@ impl Page {
             self.owner()
         );
         debug_assert!(reserved <= self.capacity());
+    }
+}
+
+/// Hardened builds: the overflow check and the damaged mark.
+#[cfg(feature = "hardened")]
+impl Page {
+    /// Whether the header of the block after `block` (if one was carved) still reads as a
+    /// header: a write past the end of `block` lands there first.
+    pub(crate) fn neighbour_intact(&self, block: &Header) -> bool {
+        let size = self.block_size.load(Ordering::Relaxed);
+        let next = block as *const Header as usize + size;
+        if (next - self.area) / size >= self.reserved.load(Ordering::Acquire) {
+            return true;
+        }
+        // SAFETY: the next block was carved, so its header lies in this page's memory.
+        let header: &Header = unsafe { &*std::ptr::with_exposed_provenance(next) };
+        header.meta().kind().is_some()
+    }
+
+    pub(crate) fn mark_damaged(&self) {
+        self.damaged.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_damaged(&self) -> bool {
+        self.damaged.load(Ordering::Relaxed)
     }
 }
 

@@ -150,6 +150,30 @@ impl Reclaim {
         self.abandoned.push(page);
     }
 
+    /// Hardened builds: gives quarantined blocks back to their pages after a grace period,
+    /// so no block is handed out again while a call that may still hold it is running.
+    #[cfg(feature = "hardened")]
+    pub(crate) fn release_quarantine(
+        &self,
+        blocks: Vec<(&'static Page, *const crate::chain::Header)>,
+        guard: &Guard,
+    ) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let this = self as *const Reclaim;
+        // SAFETY: the blocks are owned by the closure (freed and not on any list); pages and
+        // this `Reclaim` outlive the collector's deferred functions (see `retire_page`).
+        unsafe {
+            guard.defer_unchecked(move || {
+                for (page, block) in blocks {
+                    // SAFETY: as above; each block belongs to its page.
+                    page.push_remote(block, block);
+                }
+                (*this).pending.fetch_sub(1, Ordering::Relaxed);
+            })
+        };
+        guard.flush();
+    }
+
     /// Whether deferred returns are still waiting for their grace period.
     pub(crate) fn has_pending(&self) -> bool {
         self.pending.load(Ordering::Relaxed) != 0

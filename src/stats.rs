@@ -32,6 +32,9 @@ pub struct Stats {
     pub foreign_frees: u64,
     /// `allocate_more` whose parent is NULL, freed, linked, or foreign.
     pub bad_parents: u64,
+    /// Block headers found overwritten (a write past the end of the block before them).
+    /// Only the `hardened` feature checks; otherwise 0.
+    pub corruptions: u64,
 }
 
 /// What a counter counts.
@@ -48,9 +51,10 @@ pub(crate) enum Counter {
     LinkedFrees,
     ForeignFrees,
     BadParents,
+    Corruptions,
 }
 
-const COUNTERS: usize = Counter::BadParents as usize + 1;
+const COUNTERS: usize = Counter::Corruptions as usize + 1;
 
 /// One thread's counters.
 pub(crate) struct StatsSlot {
@@ -150,6 +154,7 @@ impl StatsSlots {
             linked_frees: sums[Counter::LinkedFrees as usize],
             foreign_frees: sums[Counter::ForeignFrees as usize],
             bad_parents: sums[Counter::BadParents as usize],
+            corruptions: sums[Counter::Corruptions as usize],
         }
     }
 }

@@ -42,6 +42,10 @@ const ADOPT_PER_REFILL: usize = 4;
 /// expired bags). Loom models get a handful: the rest runs at heap teardown.
 const COLLECT_ROUNDS: usize = if cfg!(loom) { 3 } else { 10_000 };
 
+/// Hardened builds: blocks a cache quarantines before handing them to the epoch at once.
+#[cfg(feature = "hardened")]
+const QUARANTINE_BATCH: usize = 64;
+
 /// What `free_buffer` did with a pointer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FreeOutcome {
@@ -66,10 +70,17 @@ pub(crate) struct Shared {
     next_cache_id: AtomicUsize,
     /// Set when the `Heap` handle is dropped: caches of other threads let go at their next chance.
     pub(crate) dropped: AtomicBool,
+    /// Hardened builds: whether this heap quarantines, checks and zeroes (see `Heap::hardened`).
+    #[cfg(feature = "hardened")]
+    hardened: bool,
+    /// Hardened builds: abort on the first misuse (`MAPIALLOC_ABORT_ON_MISUSE=1`).
+    #[cfg(feature = "hardened")]
+    abort_on_misuse: bool,
 }
 
 impl Shared {
-    pub(crate) fn new() -> Shared {
+    pub(crate) fn new(hardened: bool) -> Shared {
+        let _ = hardened;
         Shared {
             collector: ManuallyDrop::new(Collector::new()),
             registry: Registry::new(),
@@ -77,6 +88,11 @@ impl Shared {
             stats: StatsSlots::new(),
             next_cache_id: AtomicUsize::new(1),
             dropped: AtomicBool::new(false),
+            #[cfg(feature = "hardened")]
+            hardened,
+            #[cfg(feature = "hardened")]
+            abort_on_misuse: hardened
+                && std::env::var_os("MAPIALLOC_ABORT_ON_MISUSE").is_some_and(|v| v == "1"),
         }
     }
 }
@@ -114,6 +130,9 @@ pub(crate) struct ThreadCache {
     current: [Option<NonNull<Page>>; NUM_CLASSES],
     pages: [Vec<NonNull<Page>>; NUM_CLASSES],
     stats: NonNull<StatsSlot>,
+    /// Hardened builds: freed blocks waiting for a grace period before reuse.
+    #[cfg(feature = "hardened")]
+    quarantine: Vec<(&'static Page, *const Header)>,
     // Drop order: the epoch handle before the `Shared` it belongs to.
     handle: LocalHandle,
     shared: Arc<Shared>,
@@ -126,6 +145,8 @@ impl ThreadCache {
             current: [None; NUM_CLASSES],
             pages: std::array::from_fn(|_| Vec::new()),
             stats: NonNull::from(shared.stats.claim()),
+            #[cfg(feature = "hardened")]
+            quarantine: Vec::with_capacity(QUARANTINE_BATCH),
             handle: shared.collector.register(),
             shared,
         }
@@ -186,6 +207,7 @@ impl ThreadCache {
     }
 
     fn bad_parent(&self) -> Scode {
+        self.on_misuse("MAPIAllocateMore on a parent that is not a live root");
         self.count(Counter::BadParents, 1);
         Scode::MAPI_E_INVALID_PARAMETER
     }
@@ -358,6 +380,11 @@ impl ThreadCache {
     /// Counts a misused free and answers it.
     #[cold]
     fn misuse(&self, outcome: FreeOutcome) -> FreeOutcome {
+        self.on_misuse(match outcome {
+            FreeOutcome::Foreign => "MAPIFreeBuffer of a pointer that is not a block of this heap",
+            FreeOutcome::LinkedBlock => "MAPIFreeBuffer of a linked block",
+            _ => "MAPIFreeBuffer of a root already freed",
+        });
         let counter = match outcome {
             FreeOutcome::Foreign => Counter::ForeignFrees,
             FreeOutcome::LinkedBlock => Counter::LinkedFrees,
@@ -389,6 +416,10 @@ impl ThreadCache {
         batch: &mut RemoteBatch<'a>,
         guard: &mut Option<Guard>,
     ) -> usize {
+        #[cfg(feature = "hardened")]
+        if let (true, Home::Page(page)) = (self.shared.hardened, home) {
+            return self.quarantine(page, block, class, guard);
+        }
         match home {
             Home::Page(page) if page.owner() == self.id => {
                 if page.push_local(block) {
@@ -399,6 +430,67 @@ impl ThreadCache {
             Home::Span(span) => return self.release_span(span, guard),
         }
         usable_size(class as usize)
+    }
+
+    /// Whether this cache's heap is hardened.
+    #[inline(always)]
+    fn hardened(&self) -> bool {
+        #[cfg(feature = "hardened")]
+        return self.shared.hardened;
+        #[cfg(not(feature = "hardened"))]
+        false
+    }
+
+    /// Hardened builds: zeroes a freed block, checks the header after it, and quarantines it
+    /// until an epoch has passed. A block whose neighbour's header was overwritten is kept
+    /// out of use with its whole page.
+    #[cfg(feature = "hardened")]
+    fn quarantine(
+        &mut self,
+        page: &'static Page,
+        block: &Header,
+        class: u8,
+        guard: &mut Option<Guard>,
+    ) -> usize {
+        let usable = usable_size(class as usize);
+        // SAFETY: the block is ours (being freed) and `usable` bytes long.
+        unsafe { block.user().write_bytes(0, usable) };
+        if !page.neighbour_intact(block) {
+            self.count(Counter::Corruptions, 1);
+            page.mark_damaged();
+            self.on_misuse("a write past the end of a block");
+            return usable;
+        }
+        if page.owner() != self.id {
+            self.count(Counter::RemoteFrees, 1);
+        }
+        self.quarantine.push((page, block as *const Header));
+        if self.quarantine.len() >= QUARANTINE_BATCH {
+            self.flush_quarantine(guard);
+        }
+        usable
+    }
+
+    /// Hardened builds: hands the quarantined blocks to the epoch.
+    #[cfg(feature = "hardened")]
+    fn flush_quarantine(&mut self, guard: &mut Option<Guard>) {
+        if self.quarantine.is_empty() {
+            return;
+        }
+        let guard = guard.get_or_insert_with(|| self.handle.pin());
+        let blocks = std::mem::replace(&mut self.quarantine, Vec::with_capacity(QUARANTINE_BATCH));
+        self.shared.reclaim.release_quarantine(blocks, guard);
+    }
+
+    /// Hardened builds with `MAPIALLOC_ABORT_ON_MISUSE=1`: stop the provider at its first
+    /// misuse, for a debugger.
+    #[inline]
+    fn on_misuse(&self, _what: &str) {
+        #[cfg(feature = "hardened")]
+        if self.shared.abort_on_misuse {
+            eprintln!("mapialloc: misuse: {_what}; aborting (MAPIALLOC_ABORT_ON_MISUSE=1)");
+            std::process::abort();
+        }
     }
 
     /// Unmaps a large block's span after a grace period; returns its usable size.
@@ -478,7 +570,8 @@ impl ThreadCache {
         match self.shared.registry.lookup(user)? {
             Region::Small(segment) => {
                 let page = extend(segment.page_of(user));
-                if page.owner() != self.id && guard.is_none() {
+                // Hardened heaps pin on every call, so quarantine covers every racing call.
+                if (self.hardened() || page.owner() != self.id) && guard.is_none() {
                     *guard = Some(self.handle.pin());
                 }
                 let (header, meta) = page.block_at(user)?;
@@ -515,6 +608,12 @@ impl ThreadCache {
     /// Adopts every abandoned page, sweeps our pages (pooling the empty ones) and lets the
     /// epoch advance so deferred returns run.
     pub(crate) fn collect(&mut self) {
+        #[cfg(feature = "hardened")]
+        {
+            // Quarantined blocks first, so that the sweep below finds their pages empty.
+            self.flush_quarantine(&mut None);
+            self.run_deferred();
+        }
         let guard = self.handle.pin();
         while let Some(page) = self.shared.reclaim.abandoned.pop() {
             self.adopt(extend(page), &guard);
@@ -532,8 +631,12 @@ impl ThreadCache {
             }
         }
         drop(guard);
-        // Each flush advances the epoch at most once and runs a few expired bags: repeat until
-        // every deferred return has run, or other threads' pins hold the epoch back.
+        self.run_deferred();
+    }
+
+    /// Lets the epoch advance until every deferred return has run, or other threads' pins
+    /// hold it back. Each flush advances the epoch at most once and runs a few expired bags.
+    fn run_deferred(&self) {
         for _ in 0..COLLECT_ROUNDS {
             if !self.shared.reclaim.has_pending() {
                 break;
@@ -544,6 +647,8 @@ impl ThreadCache {
 
     /// Thread exit: empty pages go to the pool, the others are abandoned for adoption.
     fn abandon_all(&mut self) {
+        #[cfg(feature = "hardened")]
+        self.flush_quarantine(&mut None);
         let guard = self.handle.pin();
         for class in 0..NUM_CLASSES {
             for page in std::mem::take(&mut self.pages[class]) {

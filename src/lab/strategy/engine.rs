@@ -20,7 +20,51 @@ impl Strategy for Engine {
     const RACE_SAFE: bool = true;
 
     fn new() -> Self {
-        Engine { heap: Heap::new() }
+        #[cfg(feature = "hardened")]
+        let heap = Heap::hardened(false);
+        #[cfg(not(feature = "hardened"))]
+        let heap = Heap::new();
+        Engine { heap }
+    }
+
+    #[inline]
+    fn allocate_buffer(&self, size: usize) -> Result<NonNull<u8>, Scode> {
+        self.heap.allocate_buffer(size)
+    }
+
+    #[inline]
+    fn allocate_more(&self, size: usize, root: NonNull<u8>) -> Result<NonNull<u8>, Scode> {
+        self.heap.allocate_more(size, root.as_ptr())
+    }
+
+    #[inline]
+    unsafe fn free_buffer(&self, root: NonNull<u8>) {
+        // SAFETY: the trait's contract: `root` is a live root of this heap, unused hereafter.
+        let outcome = unsafe { self.heap.free_buffer(root.as_ptr()) };
+        debug_assert_eq!(outcome, FreeOutcome::Freed);
+    }
+
+    fn live_blocks(&self) -> Option<u64> {
+        Some(self.heap.stats().live_blocks)
+    }
+}
+
+/// mapialloc with its hardening on (feature `hardened`): what quarantine, the header check
+/// and zero-on-free cost.
+#[cfg(feature = "hardened")]
+pub struct EngineHardened {
+    heap: Heap,
+}
+
+#[cfg(feature = "hardened")]
+impl Strategy for EngineHardened {
+    const NAME: &'static str = "engine-hardened";
+    const RACE_SAFE: bool = true;
+
+    fn new() -> Self {
+        EngineHardened {
+            heap: Heap::hardened(true),
+        }
     }
 
     #[inline]

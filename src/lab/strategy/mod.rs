@@ -20,6 +20,8 @@ mod wine;
 
 pub use arena::Arena;
 pub use engine::Engine;
+#[cfg(feature = "hardened")]
+pub use engine::EngineHardened;
 pub use kopano::{Kopano, KopanoGlibc, KopanoJemalloc, KopanoMimalloc, Malloc, Underlying};
 #[cfg(feature = "talloc")]
 pub use talloc::Talloc;
@@ -88,6 +90,9 @@ pub trait Strategy: Send + Sync + 'static {
 pub enum StrategyKind {
     /// mapialloc itself (a fresh [`crate::Heap`] per measured process).
     Engine,
+    /// mapialloc with its hardening on (feature `hardened`).
+    #[cfg(feature = "hardened")]
+    EngineHardened,
     /// Wine's mapi32: malloc, one-pointer header, MAPIAllocateMore walks to the chain's tail.
     Wine,
     /// Kopano's mapi4linux over glibc malloc: per-root mutex, intrusive child list.
@@ -131,6 +136,8 @@ impl StrategyKind {
     pub fn visit<V: Visit>(self, v: V) -> V::Output {
         match self {
             StrategyKind::Engine => v.visit::<Engine>(),
+            #[cfg(feature = "hardened")]
+            StrategyKind::EngineHardened => v.visit::<EngineHardened>(),
             StrategyKind::Wine => v.visit::<Wine>(),
             StrategyKind::KopanoGlibc => v.visit::<KopanoGlibc>(),
             StrategyKind::KopanoMimalloc => v.visit::<KopanoMimalloc>(),
