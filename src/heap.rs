@@ -10,20 +10,39 @@ use crate::scode::Scode;
 use crate::stats::Stats;
 use crate::sync::{thread_local, Arc, Ordering};
 use crate::thread_cache::{FreeOutcome, Shared, ThreadCache};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+/// A thread's caches, one per heap it has used, and the one it used last.
+///
+/// Calls never re-enter: engine code never calls back into a `Heap`, so at most one
+/// `&mut ThreadCache` exists at a time, whether taken through `last` or through `list`.
+struct Caches {
+    /// The heap used last and its cache (in `list`): the fast path is one compare.
+    last: Cell<Option<(*const Shared, NonNull<ThreadCache>)>>,
+    /// Boxed so that `last` stays valid while the list grows.
+    #[allow(clippy::vec_box)]
+    list: RefCell<Vec<Box<ThreadCache>>>,
+}
+
+impl Caches {
+    const fn new() -> Caches {
+        Caches {
+            last: Cell::new(None),
+            list: RefCell::new(Vec::new()),
+        }
+    }
+}
+
 #[cfg(not(loom))]
 thread_local! {
-    /// This thread's caches, one per heap it has used.
-    static CACHES: RefCell<Vec<ThreadCache>> = const { RefCell::new(Vec::new()) };
+    static CACHES: Caches = const { Caches::new() };
 }
 
 #[cfg(loom)]
 thread_local! {
-    /// This thread's caches, one per heap it has used.
-    static CACHES: RefCell<Vec<ThreadCache>> = RefCell::new(Vec::new());
+    static CACHES: Caches = Caches::new();
 }
 
 /// An isolated MAPI allocator: its own pages, epoch collector and counters.
@@ -84,30 +103,44 @@ impl Heap {
     }
 
     /// Runs `f` on this thread's cache for this heap.
-    #[inline]
+    #[inline(always)]
     fn with_cache<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> R {
         let mut f = Some(f);
-        let run = |caches: &RefCell<Vec<ThreadCache>>| {
-            let mut caches = caches.borrow_mut();
-            let index = match caches
-                .iter()
-                .position(|c| Arc::ptr_eq(c.shared(), &self.shared))
-            {
-                Some(i) => i,
-                None => {
-                    // Caches of heaps dropped elsewhere let go here, on this thread's next miss.
-                    caches.retain(|c| !c.shared().dropped.load(Ordering::Relaxed));
-                    caches.push(ThreadCache::new(self.shared.clone()));
-                    caches.len() - 1
-                }
+        let run = |caches: &Caches| {
+            let cache = match caches.last.get() {
+                Some((shared, cache)) if shared == Arc::as_ptr(&self.shared) => cache,
+                _ => self.find_cache(caches),
             };
-            (f.take().expect("called once"))(&mut caches[index])
+            // SAFETY: the cache is boxed in this thread's list, which only this thread touches,
+            // and calls do not re-enter (see `Caches`), so this is the only reference to it.
+            (f.take().expect("called once"))(unsafe { &mut *cache.as_ptr() })
         };
         match CACHES.try_with(run) {
             Ok(r) => r,
             // The thread-local is being torn down: use a cache for this call only.
             Err(_) => (f.take().expect("not run yet"))(&mut ThreadCache::new(self.shared.clone())),
         }
+    }
+
+    /// The calling thread's cache for this heap, made on first use; it becomes `last`.
+    #[cold]
+    fn find_cache(&self, caches: &Caches) -> NonNull<ThreadCache> {
+        let mut list = caches.list.borrow_mut();
+        let index = match list
+            .iter()
+            .position(|c| Arc::ptr_eq(c.shared(), &self.shared))
+        {
+            Some(i) => i,
+            None => {
+                // Caches of heaps dropped elsewhere let go here, on this thread's next miss.
+                list.retain(|c| !c.shared().dropped.load(Ordering::Relaxed));
+                list.push(Box::new(ThreadCache::new(self.shared.clone())));
+                list.len() - 1
+            }
+        };
+        let cache = NonNull::from(&mut *list[index]);
+        caches.last.set(Some((Arc::as_ptr(&self.shared), cache)));
+        cache
     }
 
     /// `MAPIAllocateBuffer`: a new root of `size` bytes (uninitialised), 16-byte aligned.
@@ -166,14 +199,16 @@ impl Heap {
     /// pages (empty ones to the pool, the others abandoned for another thread to adopt).
     pub fn release_thread_cache(&self) {
         let _ = CACHES.try_with(|caches| {
-            let released: Vec<ThreadCache> = {
-                let mut caches = caches.borrow_mut();
-                let (mine, others) = std::mem::take(&mut *caches)
+            caches.last.set(None);
+            let released: Vec<Box<ThreadCache>> = {
+                let mut list = caches.list.borrow_mut();
+                let (mine, others) = std::mem::take(&mut *list)
                     .into_iter()
                     .partition(|c| Arc::ptr_eq(c.shared(), &self.shared));
-                *caches = others;
+                *list = others;
                 mine
             };
+            // Dropped outside the borrow: dropping a cache touches only the heap.
             drop(released);
         });
     }

@@ -338,7 +338,7 @@ impl Registry {
 /// made on first use with one CAS and kept until teardown.
 #[cfg(not(loom))]
 struct Table {
-    top: Box<[AtomicPtr<Leaf>]>,
+    top: Box<[AtomicPtr<Leaf>; TOP_LEN]>,
 }
 
 #[cfg(not(loom))]
@@ -350,14 +350,19 @@ const LEAF_BITS: usize = 12;
 const LEAF_LEN: usize = 1 << LEAF_BITS;
 #[cfg(not(loom))]
 const KEY_BITS: usize = 47 - SEGMENT_SHIFT;
+#[cfg(not(loom))]
+const TOP_LEN: usize = 1 << (KEY_BITS - LEAF_BITS);
 
 #[cfg(not(loom))]
 impl Table {
     fn new() -> Table {
+        let top: Box<[AtomicPtr<Leaf>]> = (0..TOP_LEN)
+            .map(|_| AtomicPtr::new(ptr::null_mut()))
+            .collect();
         Table {
-            top: (0..1usize << (KEY_BITS - LEAF_BITS))
-                .map(|_| AtomicPtr::new(ptr::null_mut()))
-                .collect(),
+            top: top
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("TOP_LEN entries")),
         }
     }
 

@@ -477,7 +477,7 @@ impl ThreadCache {
         if self.quarantine.is_empty() {
             return;
         }
-        let guard = guard.get_or_insert_with(|| self.handle.pin());
+        let guard = guard.get_or_insert_with(|| self.pin());
         let blocks = std::mem::replace(&mut self.quarantine, Vec::with_capacity(QUARANTINE_BATCH));
         self.shared.reclaim.release_quarantine(blocks, guard);
     }
@@ -496,7 +496,7 @@ impl ThreadCache {
     /// Unmaps a large block's span after a grace period; returns its usable size.
     #[cold]
     fn release_span(&self, span: *const LargeSpan, guard: &mut Option<Guard>) -> usize {
-        let guard = guard.get_or_insert_with(|| self.handle.pin());
+        let guard = guard.get_or_insert_with(|| self.pin());
         // SAFETY: the span's block is ours to free, so the span is registered and this thread
         // is the only one that removes it.
         let span = unsafe { self.shared.registry.remove_large(span) };
@@ -548,7 +548,7 @@ impl ThreadCache {
             return;
         }
         self.remove_page(page);
-        let guard = guard.get_or_insert_with(|| self.handle.pin());
+        let guard = guard.get_or_insert_with(|| self.pin());
         self.shared.reclaim.retire_page(page, guard);
     }
 
@@ -558,7 +558,7 @@ impl ThreadCache {
     /// A page this cache owns cannot change layout under it, so checking a block there needs
     /// no pin. Any other page could be retired and re-initialised for another class while we
     /// check and then CAS its header: pinning first (into `guard`) makes that wait for us.
-    #[inline]
+    #[inline(always)]
     fn locate(
         &self,
         user: usize,
@@ -572,13 +572,20 @@ impl ThreadCache {
                 let page = extend(segment.page_of(user));
                 // Hardened heaps pin on every call, so quarantine covers every racing call.
                 if (self.hardened() || page.owner() != self.id) && guard.is_none() {
-                    *guard = Some(self.handle.pin());
+                    *guard = Some(self.pin());
                 }
                 let (header, meta) = page.block_at(user)?;
                 Some((extend(header), meta, Home::Page(page)))
             }
             Region::Large(_) => self.locate_large(user, guard),
         }
+    }
+
+    /// Pins the epoch; out of line, so the fast paths that do not pin stay small.
+    #[cold]
+    #[inline(never)]
+    fn pin(&self) -> Guard {
+        self.handle.pin()
     }
 
     /// `locate` for a large span: pins (into `guard`) and looks again, since an entry seen
@@ -589,7 +596,7 @@ impl ThreadCache {
         user: usize,
         guard: &mut Option<Guard>,
     ) -> Option<(&'static Header, Meta, Home)> {
-        guard.get_or_insert_with(|| self.handle.pin());
+        guard.get_or_insert_with(|| self.pin());
         let Region::Large(span) = self.shared.registry.lookup(user)? else {
             return None;
         };
