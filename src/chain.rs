@@ -242,6 +242,38 @@ impl Header {
     }
 }
 
+impl Header {
+    /// Counts the blocks linked to this root and sums their usable sizes (`size_of` maps a
+    /// linked header to its size), without closing anything. Other threads may be linking
+    /// or freeing meanwhile: the walk stops at anything that is not a linked block, and after
+    /// `limit` blocks, so it is a snapshot, not an exact count. The caller must be pinned.
+    pub(crate) fn peek_chain(
+        &self,
+        limit: usize,
+        mut size_of: impl FnMut(&Header) -> usize,
+    ) -> (usize, usize) {
+        let word = self.link.load(Ordering::Acquire);
+        if word & TAGS != 0 {
+            return (0, 0);
+        }
+        let (mut blocks, mut bytes, mut next) = (0, 0, word & ADDRESS);
+        while next != 0 && blocks < limit {
+            // SAFETY: `next` was a linked block of a live root when read; block memory stays
+            // mapped while the caller is pinned (small segments always, large spans by the
+            // epoch), and headers are atomics.
+            let block: &Header = unsafe { &*std::ptr::with_exposed_provenance(next) };
+            let link = block.link.load(Ordering::Acquire);
+            if link & TAGS != LINKED_TAG || block.meta().kind() != Some(Kind::Linked) {
+                break;
+            }
+            blocks += 1;
+            bytes += size_of(block);
+            next = link & ADDRESS;
+        }
+        (blocks, bytes)
+    }
+}
+
 /// The blocks of a closed chain. Yields each header once; read the next link before the
 /// current block is given back, which `next()` does.
 pub(crate) struct Chain {

@@ -9,7 +9,7 @@
 use crate::scode::Scode;
 use crate::stats::Stats;
 use crate::sync::{thread_local, Arc, Ordering};
-use crate::thread_cache::{FreeOutcome, Shared, ThreadCache};
+use crate::thread_cache::{FreeOutcome, LiveRoot, Shared, ThreadCache};
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -179,6 +179,23 @@ impl Heap {
     #[inline]
     pub unsafe fn free_buffer(&self, ptr: *mut u8) -> FreeOutcome {
         self.with_cache(|c| c.free_buffer(ptr))
+    }
+
+    /// The roots live now, largest chains first: a snapshot taken without locking or stopping
+    /// any thread (roots freed or allocated meanwhile may or may not appear), for leak reports
+    /// and tools.
+    ///
+    /// ```
+    /// let heap = mapialloc::Heap::new();
+    /// let root = heap.allocate_buffer(100)?;
+    /// heap.allocate_more(1000, root.as_ptr())?;
+    /// let live: Vec<_> = heap.live_roots().collect();
+    /// assert_eq!(live.len(), 1);
+    /// assert_eq!((live[0].ptr, live[0].linked_blocks), (root, 1));
+    /// # Ok::<(), mapialloc::Scode>(())
+    /// ```
+    pub fn live_roots(&self) -> impl Iterator<Item = LiveRoot> {
+        self.with_cache(|c| c.live_roots()).into_iter()
     }
 
     /// The heap's counters, summed over its threads.

@@ -69,7 +69,7 @@ pub use heap::default_heap;
 pub use heap::{Heap, Root};
 pub use scode::Scode;
 pub use stats::Stats;
-pub use thread_cache::{FreeOutcome, MAX_BUFFER_SIZE};
+pub use thread_cache::{FreeOutcome, LiveRoot, MAX_BUFFER_SIZE};
 
 /// Test hooks: not part of the stable API.
 #[doc(hidden)]

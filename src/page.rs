@@ -191,6 +191,22 @@ impl Page {
         Some((header, meta))
     }
 
+    /// Every carved block's header, for enumeration by any thread (headers are atomics; the
+    /// caller treats what it reads as a snapshot).
+    pub(crate) fn carved_blocks(&self) -> impl Iterator<Item = &Header> {
+        let size = self.block_size.load(Ordering::Acquire);
+        let carved = if size == 0 {
+            0
+        } else {
+            self.reserved.load(Ordering::Acquire)
+        };
+        (0..carved).map(move |i| {
+            // SAFETY: block `i` was carved, so its header was written, and the page's memory
+            // stays mapped while the heap lives.
+            unsafe { &*std::ptr::with_exposed_provenance::<Header>(self.area + i * size) }
+        })
+    }
+
     /// Owner: pops a free block.
     #[inline]
     pub(crate) fn pop(&self) -> Option<&Header> {

@@ -317,6 +317,19 @@ impl Registry {
         }
     }
 
+    /// Calls `f` with every region registered now. Concurrent inserts and removals may or may
+    /// not be seen; large spans may only be read while the caller is pinned.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(Region<'_>)) {
+        self.table.for_each(|entry| {
+            if entry & LARGE_BIT != 0 {
+                f(Region::Large((entry & !LARGE_BIT) as *const LargeSpan));
+            } else {
+                // SAFETY: small segment descriptors live until teardown.
+                f(Region::Small(unsafe { &*(entry as *const SmallSegment) }));
+            }
+        });
+    }
+
     /// Drops every segment and span still registered. Runs in the heap's `Drop`, alone.
     pub(crate) fn teardown(&mut self) {
         self.table.drain(|entry| {
@@ -408,6 +421,24 @@ impl Table {
         leaf.0[key & (LEAF_LEN - 1)].store(value, Ordering::Release);
     }
 
+    fn for_each(&self, mut f: impl FnMut(usize)) {
+        for slot in self.top.iter() {
+            // Acquire: pairs with the Release CAS that published the leaf.
+            let leaf = slot.load(Ordering::Acquire);
+            if leaf.is_null() {
+                continue;
+            }
+            // SAFETY: published leaves live until teardown.
+            for entry in unsafe { &*leaf }.0.iter() {
+                // Acquire: pairs with the Release store in `set`.
+                let e = entry.load(Ordering::Acquire);
+                if e != 0 {
+                    f(e);
+                }
+            }
+        }
+    }
+
     fn drain(&mut self, mut f: impl FnMut(usize)) {
         for slot in self.top.iter() {
             let leaf = slot.swap(ptr::null_mut(), Ordering::Relaxed);
@@ -468,6 +499,15 @@ impl Table {
             }
         }
         panic!("loom registry full: models map at most 8 regions");
+    }
+
+    fn for_each(&self, mut f: impl FnMut(usize)) {
+        for (_, v) in &self.slots {
+            let e = v.load(Ordering::Acquire);
+            if e != 0 {
+                f(e);
+            }
+        }
     }
 
     fn drain(&mut self, mut f: impl FnMut(usize)) {

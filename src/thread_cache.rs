@@ -97,6 +97,75 @@ impl Shared {
     }
 }
 
+/// A root still allocated, as [`crate::Heap::live_roots`] saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveRoot {
+    /// The root's pointer, as `MAPIAllocateBuffer` returned it.
+    pub ptr: NonNull<u8>,
+    /// Usable bytes of the root block (its size class's capacity, at least the size asked).
+    pub size: usize,
+    /// Blocks linked to it (not counting the root).
+    pub linked_blocks: usize,
+    /// Usable bytes of the root and its linked blocks.
+    pub chain_bytes: usize,
+    /// The thread cache that owns the root's page: the allocating thread's, unless that
+    /// thread exited and another adopted the page. 0 while the page is abandoned.
+    pub owner: usize,
+}
+
+/// Linked blocks `live_roots` follows at most per root.
+const PEEK_LIMIT: usize = 1 << 24;
+
+impl Shared {
+    /// Every root live now, largest chains first. Locks nothing and stops no thread: it reads
+    /// headers while others allocate and free, so it is a snapshot (a root freed meanwhile may
+    /// or may not be listed). `guard` keeps large spans readable.
+    pub(crate) fn live_roots(&self, _guard: &Guard) -> Vec<LiveRoot> {
+        let size_of = |block: &Header| -> usize {
+            let class = block.meta().class();
+            if class == LARGE_CLASS {
+                match self.registry.lookup(block as *const Header as usize) {
+                    // SAFETY: registered while the caller is pinned.
+                    Some(Region::Large(span)) => unsafe { (*span).len - HEADER_SIZE },
+                    _ => 0,
+                }
+            } else {
+                usable_size(class as usize)
+            }
+        };
+        let mut roots = Vec::new();
+        let mut visit = |header: &Header, owner: usize| {
+            if header.meta().kind() == Some(Kind::Root) {
+                let size = size_of(header);
+                let (linked_blocks, linked_bytes) = header.peek_chain(PEEK_LIMIT, size_of);
+                roots.push(LiveRoot {
+                    ptr: user_ptr(header),
+                    size,
+                    linked_blocks,
+                    chain_bytes: size + linked_bytes,
+                    owner,
+                });
+            }
+        };
+        self.registry.for_each(|region| match region {
+            Region::Small(segment) => {
+                for page in segment.pages() {
+                    for header in page.carved_blocks() {
+                        visit(header, page.owner());
+                    }
+                }
+            }
+            Region::Large(span) => {
+                // SAFETY: registered while the caller is pinned; the span starts with a header.
+                let header: &Header = unsafe { &*std::ptr::with_exposed_provenance((*span).base) };
+                visit(header, 0);
+            }
+        });
+        roots.sort_by(|a, b| b.chain_bytes.cmp(&a.chain_bytes));
+        roots
+    }
+}
+
 impl Drop for Shared {
     fn drop(&mut self) {
         // The collector goes first: dropping it runs the deferred pool pushes and span unmaps,
@@ -611,6 +680,11 @@ impl ThreadCache {
     }
 
     // ----- maintenance -----
+
+    /// See `Shared::live_roots`; pins for the walk.
+    pub(crate) fn live_roots(&self) -> Vec<LiveRoot> {
+        self.shared.live_roots(&self.pin())
+    }
 
     /// Adopts every abandoned page, sweeps our pages (pooling the empty ones) and lets the
     /// epoch advance so deferred returns run.

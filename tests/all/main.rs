@@ -8,12 +8,14 @@
 //! - [`props`]: proptest programs of allocate / link / free / misuse checked against a model.
 //! - [`memory`]: freeing everything gives the memory back to the OS.
 //! - [`root`]: the RAII wrapper [`mapialloc::Root`].
+//! - [`live`]: [`mapialloc::Heap::live_roots`], the leak report's snapshot.
 //!
 //! Every test makes its own `Heap::new()`: the tests run in parallel in this one process, and
 //! a fresh heap keeps each test's counters (and committed bytes) its own. Tests assert
 //! behaviour, never timing; under Miri they run fewer iterations (see [`support::scaled`]).
 
 mod layout;
+mod live;
 mod memory;
 mod props;
 mod root;
