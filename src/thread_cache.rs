@@ -161,7 +161,7 @@ impl Shared {
                 visit(header, 0);
             }
         });
-        roots.sort_by(|a, b| b.chain_bytes.cmp(&a.chain_bytes));
+        roots.sort_by_key(|r| std::cmp::Reverse(r.chain_bytes));
         roots
     }
 }
