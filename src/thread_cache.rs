@@ -548,7 +548,15 @@ impl ThreadCache {
         }
         let guard = guard.get_or_insert_with(|| self.pin());
         let blocks = std::mem::replace(&mut self.quarantine, Vec::with_capacity(QUARANTINE_BATCH));
+        let abandoned = blocks.iter().any(|(page, _)| page.owner() == 0);
         self.shared.reclaim.release_quarantine(blocks, guard);
+        // Earlier batches have reached their pages' `thread_free` by now (or will soon): a
+        // thread that only frees must still drain and pool the pages it owns or that were
+        // abandoned, or quarantine would hold memory forever.
+        if abandoned {
+            self.adopt_abandoned(guard);
+        }
+        self.sweep_pages(guard);
     }
 
     /// Hardened builds with `MAPIALLOC_ABORT_ON_MISUSE=1`: stop the provider at its first
@@ -696,9 +704,21 @@ impl ThreadCache {
             self.run_deferred();
         }
         let guard = self.handle.pin();
+        self.adopt_abandoned(&guard);
+        self.sweep_pages(&guard);
+        drop(guard);
+        self.run_deferred();
+    }
+
+    /// Adopts every page on the abandoned stack (pooling the empty ones).
+    fn adopt_abandoned(&mut self, guard: &Guard) {
         while let Some(page) = self.shared.reclaim.abandoned.pop() {
-            self.adopt(extend(page), &guard);
+            self.adopt(extend(page), guard);
         }
+    }
+
+    /// Drains every page of ours and pools the ones with no block out.
+    fn sweep_pages(&mut self, guard: &Guard) {
         for class in 0..NUM_CLASSES {
             for i in (0..self.pages[class].len()).rev() {
                 // SAFETY: pages on our lists are descriptors of live segments.
@@ -707,12 +727,10 @@ impl ThreadCache {
                 page.check_invariant();
                 if page.used() == 0 {
                     self.remove_page(page);
-                    self.shared.reclaim.retire_page(page, &guard);
+                    self.shared.reclaim.retire_page(page, guard);
                 }
             }
         }
-        drop(guard);
-        self.run_deferred();
     }
 
     /// Lets the epoch advance until every deferred return has run, or other threads' pins
