@@ -19,10 +19,15 @@
 //! calling convention on every other target. The header declares the C convention and
 //! refuses to compile on 32-bit Windows.
 //!
+//! Setting `MAPIALLOC_TRACE=path` records every call of the three MAPI exports into a trace
+//! file, and `MAPIALLOC_LEAKS=1` prints the live roots at exit; both are read at the first
+//! MAPI call ([`crate::trace`]). Untraced, a call pays one load and a branch for this.
+//!
 //! Names are MAPI's, verbatim (`MAPIAllocateBuffer`, `cbSize`, `lppBuffer`), so that the
 //! header reads like `MAPIX.h` and MAPI's documentation applies word for word.
 #![allow(non_snake_case)]
 
+use crate::trace::{self, Call, Status};
 use crate::{default_heap, Scode, Stats};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -150,6 +155,21 @@ unsafe fn store_result(out: *mut LPVOID, result: Result<ptr::NonNull<u8>, Scode>
     code.0
 }
 
+/// Traces an allocation call that returned `result`, timed after the call (a block cannot
+/// reach another thread before its call returned). `pointer` is the root's address.
+#[cold]
+#[inline(never)]
+fn record_allocation(
+    recorder: &trace::Recorder,
+    call: Call,
+    cb_size: ULONG,
+    pointer: u64,
+    result: &Result<ptr::NonNull<u8>, Scode>,
+) {
+    let status = result.map_or_else(Status::of_scode, |_| Status::Ok);
+    recorder.record(call, status, cb_size, pointer, recorder.now());
+}
+
 /// Writes `value` through `out` unless `out` is NULL.
 ///
 /// # Safety
@@ -184,6 +204,10 @@ pub unsafe extern "system" fn MAPIAllocateBuffer(cbSize: ULONG, lppBuffer: *mut 
             return MAPI_E_INVALID_PARAMETER;
         }
         let result = byte_count(cbSize).and_then(|size| default_heap().allocate_buffer(size));
+        if let Some(recorder) = trace::recorder() {
+            let root = result.map_or(0, |block| block.as_ptr() as u64);
+            record_allocation(recorder, Call::AllocateBuffer, cbSize, root, &result);
+        }
         // SAFETY: `lppBuffer` is non-NULL (checked above), and the caller guarantees it is
         // aligned and writable.
         unsafe { store_result(lppBuffer, result) }
@@ -224,6 +248,9 @@ pub unsafe extern "system" fn MAPIAllocateMore(
         }
         let parent = lpObject.cast::<u8>();
         let result = byte_count(cbSize).and_then(|size| default_heap().allocate_more(size, parent));
+        if let Some(recorder) = trace::recorder() {
+            record_allocation(recorder, Call::AllocateMore, cbSize, parent as u64, &result);
+        }
         // SAFETY: `lppBuffer` is non-NULL (checked above), and the caller guarantees it is
         // aligned and writable.
         unsafe { store_result(lppBuffer, result) }
@@ -248,11 +275,19 @@ pub unsafe extern "system" fn MAPIAllocateMore(
 #[no_mangle]
 pub unsafe extern "system" fn MAPIFreeBuffer(lpBuffer: LPVOID) -> ULONG {
     boundary(|| {
+        let recorder = trace::recorder();
+        // Timed before the call: the address may be handed out again before the call returns
+        // (see `crate::trace`).
+        let time_ns = recorder.map(trace::Recorder::now);
         // SAFETY: `Heap::free_buffer` accepts any pointer value (it validates before touching
         // anything and answers misuse with a counted no-op); its conditions, no use of the
         // chain after the call and the stale-address caveat, are this function's `# Safety`,
         // passed on to the caller.
-        let _outcome = unsafe { default_heap().free_buffer(lpBuffer.cast::<u8>()) };
+        let outcome = unsafe { default_heap().free_buffer(lpBuffer.cast::<u8>()) };
+        if let (Some(recorder), Some(time_ns)) = (recorder, time_ns) {
+            let status = Status::of_free(outcome);
+            recorder.record(Call::FreeBuffer, status, 0, lpBuffer as u64, time_ns);
+        }
         0
     })
 }

@@ -63,6 +63,8 @@ mod size_class;
 mod stats;
 mod sync;
 mod thread_cache;
+#[cfg(not(loom))]
+pub mod trace;
 
 #[cfg(not(loom))]
 pub use heap::default_heap;

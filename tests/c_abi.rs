@@ -1,6 +1,8 @@
 //! The C library, from C: SPEC.md's table and the threaded cases (`tests/c/mapi_test.c`)
 //! against the shared and the static library, `LD_PRELOAD` interposition over another MAPI
-//! library (`tests/c/fake_mapi.c`, `tests/c/interpose.c`), and the provider example.
+//! library (`tests/c/fake_mapi.c`, `tests/c/interpose.c`), the provider example, and the
+//! `MAPIALLOC_LEAKS` report and `MAPIALLOC_TRACE` recording of a leaking program
+//! (`tests/c/leaks.c`).
 //!
 //! `cargo test` builds the library's cdylib and staticlib next to this test's executable
 //! (`target/<profile>/deps`); the C sources are compiled there with the system `cc`, into
@@ -287,4 +289,73 @@ fn provider_example_runs() {
         output.status
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("live roots: 0, live blocks: 0"));
+}
+
+/// `tests/c/leaks.c` under `MAPIALLOC_LEAKS=1` and `MAPIALLOC_TRACE`: the exit report names
+/// its three live roots, and the trace holds its 20 calls on two threads.
+#[test]
+fn leak_report_and_trace_of_a_c_program() {
+    use mapialloc::trace::{self, Call, Status};
+    if !have_cc("leak_report_and_trace_of_a_c_program") {
+        return;
+    }
+    let dir = scratch("leaks");
+    let exe = dir.join("leaks");
+    let mut args: Vec<String> = C_FLAGS.iter().map(|s| s.to_string()).collect();
+    args.extend([
+        include_flag(),
+        package_root().join("tests/c/leaks.c").display().to_string(),
+        "-o".to_owned(),
+        exe.display().to_string(),
+    ]);
+    args.extend(shared_link_flags(&library_dir()));
+    cc(&args);
+
+    let trace_path = dir.join("leaks.mtrace");
+    let output = run(c_program(&exe)
+        .env("MAPIALLOC_LEAKS", "1")
+        .env("MAPIALLOC_TRACE", &trace_path));
+    assert!(output.status.success(), "leaks.c failed: {}", output.status);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let summary = lines
+        .iter()
+        .position(|l| l.starts_with("mapialloc: ") && l.ends_with(" at exit"))
+        .unwrap_or_else(|| panic!("no leak line on stderr: {stderr}"));
+    let head = "mapialloc: 3 live roots (8 blocks, ";
+    assert!(
+        lines[summary].starts_with(head) && lines[summary].ends_with(" bytes) at exit"),
+        "{}",
+        lines[summary]
+    );
+    let details = &lines[summary + 1..];
+    assert_eq!(details.len(), 3, "one line a live root: {stderr}");
+    assert!(
+        details[0].contains("3 linked blocks"),
+        "largest first: {}",
+        details[0]
+    );
+    assert!(details.iter().all(|l| l.contains("page of ")));
+
+    let records = trace::read(&trace_path).expect("a readable trace");
+    assert_eq!(records.len(), 20);
+    let count = |call, status| {
+        records
+            .iter()
+            .filter(|r| r.call == call && r.status == status)
+            .count()
+    };
+    assert_eq!(count(Call::AllocateBuffer, Status::Ok), 8);
+    assert_eq!(count(Call::AllocateMore, Status::Ok), 5);
+    assert_eq!(count(Call::FreeBuffer, Status::Ok), 5);
+    assert_eq!(count(Call::FreeBuffer, Status::DoubleFree), 1);
+    assert_eq!(count(Call::FreeBuffer, Status::FreedNull), 1);
+    let mut threads: Vec<u32> = records.iter().map(|r| r.thread).collect();
+    threads.sort_unstable();
+    threads.dedup();
+    assert_eq!(threads, [1, 2]);
+
+    // Without the variables, nothing is reported.
+    let quiet = run(&mut c_program(&exe));
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("live roots"));
 }
