@@ -9,62 +9,31 @@ use super::Strategy;
 use crate::{FreeOutcome, Heap, Scode};
 use std::ptr::NonNull;
 
-/// The mapialloc engine.
+/// The mapialloc engine; `Engine<true>` is [`EngineHardened`].
 #[derive(Default)]
-pub struct Engine {
+pub struct Engine<const HARDENED: bool = false> {
     heap: Heap,
-}
-
-impl Strategy for Engine {
-    const NAME: &'static str = "engine";
-    const RACE_SAFE: bool = true;
-
-    fn new() -> Self {
-        #[cfg(feature = "hardened")]
-        let heap = Heap::hardened(false);
-        #[cfg(not(feature = "hardened"))]
-        let heap = Heap::new();
-        Engine { heap }
-    }
-
-    #[inline]
-    fn allocate_buffer(&self, size: usize) -> Result<NonNull<u8>, Scode> {
-        self.heap.allocate_buffer(size)
-    }
-
-    #[inline]
-    fn allocate_more(&self, size: usize, root: NonNull<u8>) -> Result<NonNull<u8>, Scode> {
-        self.heap.allocate_more(size, root.as_ptr())
-    }
-
-    #[inline]
-    unsafe fn free_buffer(&self, root: NonNull<u8>) {
-        // SAFETY: the trait's contract: `root` is a live root of this heap, unused hereafter.
-        let outcome = unsafe { self.heap.free_buffer(root.as_ptr()) };
-        debug_assert_eq!(outcome, FreeOutcome::Freed);
-    }
-
-    fn live_blocks(&self) -> Option<u64> {
-        Some(self.heap.stats().live_blocks)
-    }
 }
 
 /// mapialloc with its hardening on (feature `hardened`): what quarantine, the header check
 /// and zero-on-free cost.
 #[cfg(feature = "hardened")]
-pub struct EngineHardened {
-    heap: Heap,
-}
+pub type EngineHardened = Engine<true>;
 
-#[cfg(feature = "hardened")]
-impl Strategy for EngineHardened {
-    const NAME: &'static str = "engine-hardened";
+impl<const HARDENED: bool> Strategy for Engine<HARDENED> {
+    const NAME: &'static str = if HARDENED {
+        "engine-hardened"
+    } else {
+        "engine"
+    };
     const RACE_SAFE: bool = true;
 
     fn new() -> Self {
-        EngineHardened {
-            heap: Heap::hardened(true),
-        }
+        #[cfg(feature = "hardened")]
+        let heap = Heap::hardened(HARDENED);
+        #[cfg(not(feature = "hardened"))]
+        let heap = Heap::new();
+        Engine { heap }
     }
 
     #[inline]
@@ -96,7 +65,7 @@ mod tests {
 
     #[test]
     fn counts_no_live_blocks_after_a_chain_is_freed() {
-        let engine = Engine::new();
+        let engine = <Engine>::new();
         chain_round_trip(&engine, 100);
         assert_eq!(engine.live_blocks(), Some(0));
     }

@@ -239,7 +239,7 @@ mod tests {
 
     #[test]
     fn one_round_counts_the_shape_exactly() {
-        let engine = Engine::new();
+        let engine = <Engine>::new();
         let one_round = |kind| run(kind, &engine, 2, Duration::ZERO).blocks;
         assert_eq!(
             one_round(WorkloadKind::LoneRoot),
