@@ -491,7 +491,10 @@ impl ThreadCache {
         }
         match home {
             Home::Page(page) if page.owner() == self.id => {
-                if page.push_local(block) {
+                // The current page stays when it empties (the lone-root case): no call.
+                if page.push_local(block)
+                    && self.current[class as usize] != Some(NonNull::from(page))
+                {
                     self.page_emptied(page, guard);
                 }
             }
@@ -582,6 +585,7 @@ impl ThreadCache {
         usable
     }
 
+    #[inline]
     fn flush_batch(&self, batch: &mut RemoteBatch<'_>) {
         if let Some(page) = batch.page.take() {
             // SAFETY: the batch holds blocks we own, all of `page`, linked first..=last.
@@ -618,12 +622,9 @@ impl ThreadCache {
         }
     }
 
-    /// A page of ours has no block out. The current page of its class stays for reuse; any
-    /// other goes back to the pool.
+    /// A page of ours, not the current one of its class, has no block out: back to the pool.
+    #[cold]
     fn page_emptied(&mut self, page: &Page, guard: &mut Option<Guard>) {
-        if self.current[page.class()] == Some(NonNull::from(page)) {
-            return;
-        }
         self.remove_page(page);
         let guard = guard.get_or_insert_with(|| self.pin());
         self.shared.reclaim.retire_page(page, guard);
