@@ -197,11 +197,14 @@ impl Chunk {
         }
         self.last_ns = self.last_ns.max(record.time_ns);
         self.count += 1;
-        self.bytes
-            .extend_from_slice(&[record.call as u8, record.status as u8, 0, 0]);
-        self.bytes.extend_from_slice(&record.size.to_le_bytes());
-        self.bytes.extend_from_slice(&delta.to_le_bytes());
-        self.bytes.extend_from_slice(&record.pointer.to_le_bytes());
+        let mut raw = [0u8; RECORD_LEN];
+        raw[0] = record.call as u8;
+        raw[1] = record.status as u8;
+        raw[4..8].copy_from_slice(&record.size.to_le_bytes());
+        raw[8..12].copy_from_slice(&delta.to_le_bytes());
+        raw[12..20].copy_from_slice(&record.pointer.to_le_bytes());
+        // One copy into capacity reserved up front: the buffer never reallocates.
+        self.bytes.extend_from_slice(&raw);
         true
     }
 

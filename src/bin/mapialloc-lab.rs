@@ -7,7 +7,8 @@ use mapialloc::lab::measure::{self, CHILD_COMMAND};
 use mapialloc::lab::report::{Report, TABLE_LEGEND};
 use mapialloc::lab::run::{self, Settings};
 use mapialloc::lab::strategy::StrategyKind;
-use mapialloc::lab::workload::WorkloadKind;
+use mapialloc::lab::trace_info;
+use mapialloc::lab::workload::{Workload, WorkloadKind};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,12 @@ struct Cli {
     #[arg(long)]
     list: bool,
 
+    /// Replay this trace (from MAPIALLOC_TRACE) on every strategy, as the workload
+    /// `replay:<file stem>`; repeatable. Built-in workloads then run only when --workloads
+    /// names them.
+    #[arg(long, value_name = "TRACE")]
+    replay: Vec<PathBuf>,
+
     #[command(subcommand)]
     child: Option<Child>,
 }
@@ -70,9 +77,16 @@ enum Format {
     Csv,
 }
 
-/// The lab re-executes itself to measure each job in a process of its own.
+/// Subcommands: a trace summary, and the child side of a measurement (the lab re-executes
+/// itself to measure each job in a process of its own).
 #[derive(Debug, Subcommand)]
 enum Child {
+    /// Summarises a trace written by MAPIALLOC_TRACE: calls by kind, threads, chain lengths
+    /// and sizes.
+    TraceInfo {
+        /// The trace file.
+        path: PathBuf,
+    },
     /// Runs one job (given as JSON) and prints its measurements as JSON.
     #[command(name = CHILD_COMMAND, hide = true)]
     RunJob {
@@ -90,7 +104,9 @@ impl Cli {
             Settings::full()
         };
         Settings {
-            workloads: if self.workloads.is_empty() {
+            workloads: if self.workloads.is_empty() && !self.replay.is_empty() {
+                Vec::new()
+            } else if self.workloads.is_empty() {
                 base.workloads
             } else {
                 self.workloads.clone()
@@ -103,6 +119,7 @@ impl Cli {
             threads: (!self.threads.is_empty())
                 .then(|| self.threads.iter().map(|&t| usize::from(t)).collect()),
             reps: usize::from(self.reps),
+            replays: self.replay.clone(),
             ..base
         }
     }
@@ -110,10 +127,15 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Child::RunJob { job }) = &cli.child {
-        return match measure::child_main(job) {
-            Ok(json) => {
-                println!("{json}");
+    let subcommand = match &cli.child {
+        Some(Child::RunJob { job }) => Some(measure::child_main(job)),
+        Some(Child::TraceInfo { path }) => Some(trace_info::summary_of_file(path)),
+        None => None,
+    };
+    if let Some(result) = subcommand {
+        return match result {
+            Ok(text) => {
+                println!("{text}");
                 ExitCode::SUCCESS
             }
             Err(error) => {
@@ -168,16 +190,16 @@ fn print_list() {
 /// One SVG per workload in `dir`.
 fn write_charts(dir: &std::path::Path, report: &Report) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for &workload in WorkloadKind::all() {
+    let mut workloads: Vec<&Workload> = report.results.iter().map(|r| &r.workload).collect();
+    workloads.dedup();
+    for workload in workloads {
         let rows: Vec<_> = report
             .results
             .iter()
-            .filter(|r| r.workload == workload)
+            .filter(|r| &r.workload == workload)
             .collect();
-        if !rows.is_empty() {
-            let path = chart::write_svg(dir, workload, &rows)?;
-            eprintln!("wrote {}", path.display());
-        }
+        let path = chart::write_svg(dir, workload, &rows)?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }
@@ -185,6 +207,7 @@ fn write_charts(dir: &std::path::Path, report: &Report) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("mapialloc-lab").chain(args.iter().copied()))
@@ -237,6 +260,24 @@ mod tests {
     fn the_child_command_takes_a_job() {
         let cli = parse(&[CHILD_COMMAND, "{}"]).unwrap();
         assert!(matches!(cli.child, Some(Child::RunJob { job }) if job == "{}"));
+    }
+
+    #[test]
+    fn replay_alone_runs_only_the_traces_and_trace_info_takes_a_path() {
+        let settings = parse(&["--replay", "a.mtrace", "--replay", "b.mtrace"])
+            .unwrap()
+            .settings();
+        assert!(settings.workloads.is_empty());
+        assert_eq!(
+            settings.replays,
+            [PathBuf::from("a.mtrace"), "b.mtrace".into()]
+        );
+        let with = parse(&["--replay", "a.mtrace", "--workloads", "propset"]).unwrap();
+        assert_eq!(with.settings().workloads, [WorkloadKind::Propset]);
+        let info = parse(&["trace-info", "a.mtrace"]).unwrap();
+        assert!(
+            matches!(info.child, Some(Child::TraceInfo { path }) if path == Path::new("a.mtrace"))
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::lab::report::ResultRow;
 use crate::lab::strategy::StrategyKind;
-use crate::lab::workload::WorkloadKind;
+use crate::lab::workload::Workload;
 use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -12,11 +12,7 @@ const BAR: RGBColor = RGBColor(0x4c, 0x72, 0xb0);
 const ENGINE_BAR: RGBColor = RGBColor(0xdd, 0x84, 0x52);
 
 /// Writes `DIR/<workload>.svg` for the rows of `workload` (already ranked) and returns its path.
-pub fn write_svg(
-    dir: &Path,
-    workload: WorkloadKind,
-    rows: &[&ResultRow],
-) -> Result<PathBuf, String> {
+pub fn write_svg(dir: &Path, workload: &Workload, rows: &[&ResultRow]) -> Result<PathBuf, String> {
     let path = dir.join(format!("{workload}.svg"));
     draw(&path, workload, rows).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
@@ -24,7 +20,7 @@ pub fn write_svg(
 
 fn draw(
     path: &Path,
-    workload: WorkloadKind,
+    workload: &Workload,
     rows: &[&ResultRow],
 ) -> Result<(), Box<dyn std::error::Error>> {
     let several_thread_counts = rows.iter().any(|r| r.threads != rows[0].threads);
@@ -123,6 +119,7 @@ fn draw(
 mod tests {
     use super::*;
     use crate::lab::measure::{Job, JobOutput, RepSample};
+    use crate::lab::workload::WorkloadKind;
 
     #[test]
     fn writes_one_svg_with_a_bar_per_row() {
@@ -130,7 +127,7 @@ mod tests {
             .into_iter()
             .map(|strategy| {
                 let job = Job {
-                    workload: WorkloadKind::Propset,
+                    workload: WorkloadKind::Propset.into(),
                     strategy,
                     threads: 1,
                     reps: 1,
@@ -153,7 +150,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = write_svg(
             &dir,
-            WorkloadKind::Propset,
+            &WorkloadKind::Propset.into(),
             &rows.iter().collect::<Vec<_>>(),
         )
         .unwrap();

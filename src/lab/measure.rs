@@ -4,7 +4,8 @@
 //! freed from `/proc/self/statm`.
 
 use crate::lab::strategy::{Strategy, StrategyKind, Visit};
-use crate::lab::workload::{self, Sample, WorkloadKind};
+use crate::lab::workload::replay::Replay;
+use crate::lab::workload::{self, Sample, Workload};
 use serde::{Deserialize, Serialize};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -14,10 +15,10 @@ use std::time::Duration;
 pub const CHILD_COMMAND: &str = "__run-job";
 
 /// One measured job, as the parent hands it to a child.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     /// The workload to run.
-    pub workload: WorkloadKind,
+    pub workload: Workload,
     /// The strategy to run it on.
     pub strategy: StrategyKind,
     /// Threads, for workloads that take a count (recorded for the others).
@@ -111,7 +112,17 @@ impl Visit for RunJob<'_> {
 
     fn visit<S: Strategy>(self) -> Self::Output {
         let job = self.0;
-        if job.workload.shares_root() && !S::RACE_SAFE {
+        // A trace is read before the clock starts, once for every repetition.
+        let replay = match &job.workload {
+            Workload::Builtin(_) => None,
+            Workload::Replay { replay } => Some(Replay::load(replay)?),
+        };
+        let shares_root = match (&job.workload, &replay) {
+            (Workload::Builtin(kind), _) => kind.shares_root(),
+            (_, Some(replay)) => replay.shares_root,
+            (Workload::Replay { .. }, None) => unreachable!("a replay was loaded above"),
+        };
+        if shares_root && !S::RACE_SAFE {
             return Err(format!(
                 "{} is not race-safe: it cannot run {}",
                 S::NAME,
@@ -120,13 +131,20 @@ impl Visit for RunJob<'_> {
         }
         let strategy = S::new();
         let budget = Duration::from_millis(job.rep_ms);
+        let run_once = || -> Sample {
+            match (&job.workload, &replay) {
+                (Workload::Builtin(kind), _) => {
+                    workload::run(*kind, &strategy, job.threads, budget)
+                }
+                (_, Some(replay)) => replay.run(&strategy, budget),
+                (Workload::Replay { .. }, None) => unreachable!("a replay was loaded above"),
+            }
+        };
         let rss_before_kib = rss_now_kib();
         for _ in 0..job.warmups {
-            workload::run(job.workload, &strategy, job.threads, budget);
+            run_once();
         }
-        let samples = (0..job.reps.max(1))
-            .map(|_| workload::run(job.workload, &strategy, job.threads, budget).into())
-            .collect();
+        let samples = (0..job.reps.max(1)).map(|_| run_once().into()).collect();
         if let Some(live) = strategy.live_blocks().filter(|&live| live != 0) {
             return Err(format!(
                 "{} on {}: {live} blocks still live after the run",
@@ -172,10 +190,11 @@ pub fn rss_now_kib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lab::workload::WorkloadKind;
 
     fn job() -> Job {
         Job {
-            workload: WorkloadKind::Propset,
+            workload: WorkloadKind::Propset.into(),
             strategy: StrategyKind::KopanoGlibc,
             threads: 1,
             reps: 3,
@@ -204,11 +223,35 @@ mod tests {
     #[test]
     fn a_shared_root_job_is_refused_to_a_strategy_that_is_not_race_safe() {
         let job = Job {
-            workload: WorkloadKind::SharedRoot,
+            workload: WorkloadKind::SharedRoot.into(),
             strategy: StrategyKind::Wine,
             ..job()
         };
         assert!(run_here(&job).unwrap_err().contains("not race-safe"));
+    }
+
+    #[test]
+    fn a_replay_job_runs_and_round_trips() {
+        let path = std::env::temp_dir().join(format!("job-{}.mtrace", std::process::id()));
+        let records = crate::lab::workload::replay::tests::sample_trace();
+        std::fs::write(&path, crate::trace::encode(&records)).unwrap();
+        let job = Job {
+            workload: Workload::Replay {
+                replay: path.clone(),
+            },
+            strategy: StrategyKind::Engine,
+            ..job()
+        };
+        let spec = serde_json::to_string(&job).unwrap();
+        assert_eq!(serde_json::from_str::<Job>(&spec).unwrap(), job);
+        let output = run_here(&job);
+        std::fs::remove_file(&path).unwrap();
+        let output = output.unwrap();
+        assert_eq!(output.samples.len(), 3);
+        assert!(output
+            .samples
+            .iter()
+            .all(|s| s.blocks % 7 == 0 && s.blocks > 0));
     }
 
     #[test]

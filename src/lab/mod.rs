@@ -10,6 +10,8 @@
 //! - [`measure`]: the child process protocol, wall time and RSS.
 //! - [`run`]: which jobs, in sequence, with a progress bar.
 //! - [`report`], [`chart`], [`machine`]: table, JSON, CSV and SVG output.
+//! - [`workload::replay`] and [`trace_info`]: traces recorded by the C library
+//!   (`MAPIALLOC_TRACE`, [`crate::trace`]) replayed as workloads, and summarised.
 
 pub mod chart;
 pub mod machine;
@@ -18,4 +20,5 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod strategy;
+pub mod trace_info;
 pub mod workload;

@@ -4,7 +4,7 @@
 use crate::lab::machine::Machine;
 use crate::lab::measure::{Job, JobOutput};
 use crate::lab::strategy::StrategyKind;
-use crate::lab::workload::WorkloadKind;
+use crate::lab::workload::{serialize_name, Workload};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -23,8 +23,9 @@ pub struct Report {
 /// One measured (workload, strategy, threads).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ResultRow {
-    /// The workload.
-    pub workload: WorkloadKind,
+    /// The workload (by its name in JSON and CSV).
+    #[serde(serialize_with = "serialize_name")]
+    pub workload: Workload,
     /// The strategy.
     pub strategy: StrategyKind,
     /// Threads the workload ran with.
@@ -61,8 +62,9 @@ pub struct ResultRow {
 /// A job the lab did not measure.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Skip {
-    /// The workload.
-    pub workload: WorkloadKind,
+    /// The workload (by its name in JSON and CSV).
+    #[serde(serialize_with = "serialize_name")]
+    pub workload: Workload,
     /// The strategy.
     pub strategy: StrategyKind,
     /// Threads.
@@ -80,7 +82,7 @@ impl ResultRow {
         blocks.sort_unstable();
         let ns_per_block = median(&ns);
         ResultRow {
-            workload: job.workload,
+            workload: job.workload.clone(),
             strategy: job.strategy,
             threads: job.threads,
             blocks: blocks.get(blocks.len() / 2).copied().unwrap_or(0),
@@ -112,11 +114,11 @@ fn median(sorted: &[f64]) -> f64 {
 /// Orders rows by workload, thread count and speed, and fills in `rank` and `ratio_to_engine`.
 pub fn rank(rows: &mut [ResultRow]) {
     rows.sort_by(|a, b| {
-        (a.workload, a.threads)
-            .cmp(&(b.workload, b.threads))
+        (&a.workload, a.threads)
+            .cmp(&(&b.workload, b.threads))
             .then(a.ns_per_block.total_cmp(&b.ns_per_block))
     });
-    for group in rows.chunk_by_mut(|a, b| (a.workload, a.threads) == (b.workload, b.threads)) {
+    for group in rows.chunk_by_mut(|a, b| (&a.workload, a.threads) == (&b.workload, b.threads)) {
         let engine = group
             .iter()
             .find(|r| r.strategy == StrategyKind::Engine)
@@ -154,12 +156,12 @@ impl Report {
     /// The human table: per workload and thread count, strategies best first.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
-        let mut workloads: Vec<(WorkloadKind, usize)> = self
+        let mut workloads: Vec<(&Workload, usize)> = self
             .results
             .iter()
-            .map(|r| (r.workload, r.threads))
+            .map(|r| (&r.workload, r.threads))
             .collect();
-        workloads.extend(self.skipped.iter().map(|s| (s.workload, s.threads)));
+        workloads.extend(self.skipped.iter().map(|s| (&s.workload, s.threads)));
         workloads.sort();
         workloads.dedup();
         for (workload, threads) in workloads {
@@ -184,7 +186,7 @@ impl Report {
             for row in self
                 .results
                 .iter()
-                .filter(|r| (r.workload, r.threads) == (workload, threads))
+                .filter(|r| (&r.workload, r.threads) == (workload, threads))
             {
                 let ratio = row
                     .ratio_to_engine
@@ -205,7 +207,7 @@ impl Report {
             for skip in self
                 .skipped
                 .iter()
-                .filter(|s| (s.workload, s.threads) == (workload, threads))
+                .filter(|s| (&s.workload, s.threads) == (workload, threads))
             {
                 let _ = writeln!(
                     out,
@@ -230,10 +232,11 @@ Compare ratios within one run; absolute times move with the machine and its othe
 mod tests {
     use super::*;
     use crate::lab::measure::RepSample;
+    use crate::lab::workload::WorkloadKind;
 
     fn row(strategy: StrategyKind, threads: usize, ns: f64) -> ResultRow {
         let job = Job {
-            workload: WorkloadKind::Churn,
+            workload: WorkloadKind::Churn.into(),
             strategy,
             threads,
             reps: 1,
@@ -263,7 +266,7 @@ mod tests {
     #[test]
     fn median_min_max_of_the_repetitions() {
         let job = Job {
-            workload: WorkloadKind::Propset,
+            workload: WorkloadKind::Propset.into(),
             strategy: StrategyKind::Wine,
             threads: 1,
             reps: 3,
@@ -328,7 +331,7 @@ mod tests {
         rank(&mut rows);
         let mut report = report(rows);
         report.skipped.push(Skip {
-            workload: WorkloadKind::SharedRoot,
+            workload: WorkloadKind::SharedRoot.into(),
             strategy: StrategyKind::Wine,
             threads: 2,
             reason: "not race-safe".into(),
@@ -383,7 +386,7 @@ mod tests {
         rank(&mut rows);
         let mut report = report(rows);
         report.skipped.push(Skip {
-            workload: WorkloadKind::Churn,
+            workload: WorkloadKind::Churn.into(),
             strategy: StrategyKind::Wine,
             threads: 2,
             reason: "not race-safe".into(),

@@ -5,8 +5,10 @@ use crate::lab::machine::Machine;
 use crate::lab::measure::{self, Job};
 use crate::lab::report::{self, Report, ResultRow, Skip, FAILED};
 use crate::lab::strategy::StrategyKind;
-use crate::lab::workload::WorkloadKind;
+use crate::lab::workload::replay::Replay;
+use crate::lab::workload::{Workload, WorkloadKind};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
 
 /// What to run, and how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub struct Settings {
     pub warmups: usize,
     /// Wall-time budget of one repetition, ms.
     pub rep_ms: u64,
+    /// Traces to replay (`--replay`), each a workload `replay:<file stem>` after the others.
+    pub replays: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -36,6 +40,7 @@ impl Settings {
             reps: 3,
             warmups: 1,
             rep_ms: 250,
+            replays: Vec::new(),
         }
     }
 
@@ -67,7 +72,8 @@ pub struct Plan {
     pub skipped: Vec<Skip>,
 }
 
-/// Every (workload, thread count, strategy) the settings select.
+/// Every (workload, thread count, strategy) the settings select, then every (trace,
+/// strategy). A trace that cannot be read fails its jobs (listed as failed under `skipped`).
 pub fn plan(settings: &Settings) -> Plan {
     let mut plan = Plan {
         jobs: Vec::new(),
@@ -75,30 +81,69 @@ pub fn plan(settings: &Settings) -> Plan {
     };
     for &workload in &settings.workloads {
         for threads in settings.threads_for(workload) {
-            for &strategy in &settings.strategies {
-                if workload.shares_root() && !strategy.race_safe() {
-                    let reason = "not race-safe: threads share a root".to_owned();
-                    plan.skipped.push(Skip {
-                        workload,
-                        strategy,
-                        threads,
-                        reason,
-                    });
-                    continue;
-                }
-                let (reps, warmups, rep_ms) = (settings.reps, settings.warmups, settings.rep_ms);
-                plan.jobs.push(Job {
-                    workload,
-                    strategy,
-                    threads,
-                    reps,
-                    warmups,
-                    rep_ms,
-                });
-            }
+            plan.add(
+                settings,
+                workload.into(),
+                threads,
+                Ok(workload.shares_root()),
+            );
+        }
+    }
+    for path in &settings.replays {
+        let workload = Workload::Replay {
+            replay: path.clone(),
+        };
+        match Replay::load(path) {
+            Ok(replay) => plan.add(
+                settings,
+                workload,
+                replay.threads.len(),
+                Ok(replay.shares_root),
+            ),
+            Err(error) => plan.add(settings, workload, 1, Err(error)),
         }
     }
     plan
+}
+
+impl Plan {
+    /// Adds `workload` with `threads` on every strategy of `settings`: a job each, or a skip
+    /// where the strategy is not race-safe and threads share a root (`shares_root`), or a
+    /// failure for every strategy when the workload cannot run (`Err`).
+    fn add(
+        &mut self,
+        settings: &Settings,
+        workload: Workload,
+        threads: usize,
+        shares_root: Result<bool, String>,
+    ) {
+        for &strategy in &settings.strategies {
+            let reason = match &shares_root {
+                Err(error) => Some(format!("{FAILED}{error}")),
+                Ok(true) if !strategy.race_safe() => {
+                    Some("not race-safe: threads share a root".to_owned())
+                }
+                Ok(_) => None,
+            };
+            let workload = workload.clone();
+            match reason {
+                Some(reason) => self.skipped.push(Skip {
+                    workload,
+                    strategy,
+                    threads,
+                    reason,
+                }),
+                None => self.jobs.push(Job {
+                    workload,
+                    strategy,
+                    threads,
+                    reps: settings.reps,
+                    warmups: settings.warmups,
+                    rep_ms: settings.rep_ms,
+                }),
+            }
+        }
+    }
 }
 
 /// Runs every job of `plan` in its own child process and ranks the results. A job that
@@ -126,7 +171,8 @@ pub fn run(plan: Plan, show_progress: bool) -> Report {
             Ok(output) => results.push(ResultRow::new(job, &output)),
             Err(error) => {
                 progress.suspend(|| eprintln!("{} on {}: {error}", job.workload, job.strategy));
-                let (workload, strategy, threads) = (job.workload, job.strategy, job.threads);
+                let (workload, strategy, threads) =
+                    (job.workload.clone(), job.strategy, job.threads);
                 skipped.push(Skip {
                     workload,
                     strategy,
@@ -157,17 +203,17 @@ mod tests {
             assert!(plan
                 .jobs
                 .iter()
-                .any(|j| j.workload == *workload && j.strategy == StrategyKind::Engine));
+                .any(|j| j.workload == (*workload).into() && j.strategy == StrategyKind::Engine));
         }
         assert_eq!(plan.skipped.len(), 1);
         assert_eq!(
-            (plan.skipped[0].workload, plan.skipped[0].strategy),
-            (WorkloadKind::SharedRoot, StrategyKind::Wine)
+            (&plan.skipped[0].workload, plan.skipped[0].strategy),
+            (&WorkloadKind::SharedRoot.into(), StrategyKind::Wine)
         );
         let churn: Vec<_> = plan
             .jobs
             .iter()
-            .filter(|j| j.workload == WorkloadKind::Churn)
+            .filter(|j| j.workload == WorkloadKind::Churn.into())
             .map(|j| j.threads)
             .collect();
         assert_eq!(churn.len(), 3 * StrategyKind::all().len());
@@ -184,6 +230,33 @@ mod tests {
         assert_eq!(settings.threads_for(WorkloadKind::SharedRoot), [4]);
         assert_eq!(settings.threads_for(WorkloadKind::Propset), [1]);
         assert_eq!(settings.threads_for(WorkloadKind::CrossThreadRowset), [2]);
+    }
+
+    #[test]
+    fn a_replay_is_one_job_per_strategy_with_the_trace_s_threads() {
+        let path = std::env::temp_dir().join(format!("plan-{}.mtrace", std::process::id()));
+        let records = crate::lab::workload::replay::tests::sample_trace();
+        std::fs::write(&path, crate::trace::encode(&records)).unwrap();
+        let missing = path.with_extension("missing");
+        let settings = Settings {
+            workloads: Vec::new(),
+            replays: vec![path.clone(), missing.clone()],
+            ..Settings::quick()
+        };
+        let plan = plan(&settings);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(plan.jobs.len(), StrategyKind::all().len());
+        assert!(plan.jobs.iter().all(|j| j.threads == 2
+            && j.workload
+                == Workload::Replay {
+                    replay: path.clone()
+                }
+            && j.workload.name().starts_with("replay:plan-")));
+        assert_eq!(plan.skipped.len(), StrategyKind::all().len());
+        assert!(plan
+            .skipped
+            .iter()
+            .all(|s| s.reason.starts_with(FAILED) && s.reason.contains("missing")));
     }
 
     #[test]

@@ -8,13 +8,72 @@
 //! [`SplitMix64`](crate::lab::rng::SplitMix64) with fixed seeds, so every strategy sees the
 //! same sequence of requests.
 
+pub mod replay;
 pub mod shape;
 mod single;
 mod threaded;
 
 use crate::lab::strategy::Strategy;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// What a job measures: a built-in provider shape, or a recorded trace replayed.
+///
+/// A job carries it to its child process as JSON (`"propset"`, or `{"replay": "path"}`); the
+/// report shows its [name](Workload::name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Workload {
+    /// A built-in shape.
+    Builtin(WorkloadKind),
+    /// `replay:<file stem>`: the trace at this path replayed with its threads
+    /// ([`replay`]).
+    Replay {
+        /// The trace file.
+        replay: PathBuf,
+    },
+}
+
+impl Workload {
+    /// The report name: the built-in name, or `replay:<file stem>`.
+    pub fn name(&self) -> String {
+        match self {
+            Workload::Builtin(kind) => kind.name().to_owned(),
+            Workload::Replay { replay } => {
+                let stem = replay.file_stem().unwrap_or(replay.as_os_str());
+                format!("replay:{}", stem.to_string_lossy())
+            }
+        }
+    }
+
+    /// One line saying what the workload does, for the report.
+    pub fn description(&self) -> String {
+        match self {
+            Workload::Builtin(kind) => kind.description().to_owned(),
+            Workload::Replay { replay } => {
+                format!("the trace {} replayed with its threads", replay.display())
+            }
+        }
+    }
+}
+
+impl From<WorkloadKind> for Workload {
+    fn from(kind: WorkloadKind) -> Workload {
+        Workload::Builtin(kind)
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// Serialises a workload as its report name (`serialize_with` in the report's rows).
+pub fn serialize_name<S: Serializer>(workload: &Workload, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(workload)
+}
 
 /// The workloads, by their command-line names.
 #[derive(
