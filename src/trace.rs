@@ -2,7 +2,9 @@
 //! (`MAPIALLOC_LEAKS=1`).
 //!
 //! Both variables are read once, at the first MAPI call through the C exports
-//! ([`crate::capi`]); the Rust API ([`crate::Heap`]) never traces.
+//! ([`crate::capi`]); the Rust API ([`crate::Heap`]) never traces. A `%p` in the trace's path
+//! is replaced by the process id (one file a process when a test suite starts many); the file
+//! is created anew, or emptied, at the first call.
 //!
 //! # Recording
 //!
@@ -47,9 +49,10 @@
 
 use crate::{FreeOutcome, Heap, LiveRoot, Scode};
 use std::cell::{Cell, RefCell};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -357,20 +360,31 @@ impl Session {
         }
         let recorder = std::env::var_os("MAPIALLOC_TRACE")
             .filter(|path| !path.is_empty())
-            .and_then(|path| match Recorder::create(Path::new(&path)) {
-                Ok(recorder) => Some(recorder),
-                Err(error) => {
-                    eprintln!(
-                        "mapialloc: MAPIALLOC_TRACE={}: {error}; not tracing",
-                        Path::new(&path).display()
-                    );
-                    None
+            .and_then(|path| {
+                let path = trace_path(path, std::process::id());
+                match Recorder::create(&path) {
+                    Ok(recorder) => Some(recorder),
+                    Err(error) => {
+                        let shown = path.display();
+                        eprintln!("mapialloc: MAPIALLOC_TRACE={shown}: {error}; not tracing");
+                        None
+                    }
                 }
             });
         if recorder.is_some() {
             register_at_exit(flush_at_exit);
         }
         Session { recorder }
+    }
+}
+
+/// The file a process traces into: `MAPIALLOC_TRACE` with each `%p` replaced by the process
+/// id, so that the processes of a test suite, which inherit one environment, do not write
+/// over each other's traces. A path that is not UTF-8 is taken as it is.
+fn trace_path(variable: OsString, pid: u32) -> PathBuf {
+    match variable.to_str() {
+        Some(text) => text.replace("%p", &pid.to_string()).into(),
+        None => variable.into(),
     }
 }
 
@@ -605,6 +619,13 @@ mod tests {
             assert!(mine.windows(2).all(|w| w[0].pointer + 1 == w[1].pointer));
             assert!(mine.windows(2).all(|w| w[0].time_ns <= w[1].time_ns));
         }
+    }
+
+    #[test]
+    fn percent_p_in_the_trace_path_is_the_process_id() {
+        let path = |s: &str| trace_path(s.into(), 42);
+        assert_eq!(path("/tmp/t-%p.mtrace"), Path::new("/tmp/t-42.mtrace"));
+        assert_eq!(path("plain.mtrace"), Path::new("plain.mtrace"));
     }
 
     #[test]

@@ -311,10 +311,29 @@ fn leak_report_and_trace_of_a_c_program() {
     args.extend(shared_link_flags(&library_dir()));
     cc(&args);
 
-    let trace_path = dir.join("leaks.mtrace");
-    let output = run(c_program(&exe)
+    // `%p` becomes the process id: the one trace the run leaves is that process's.
+    let traces = || -> Vec<PathBuf> {
+        fs::read_dir(&dir)
+            .expect("the scratch directory")
+            .map(|entry| entry.expect("a directory entry").path())
+            .filter(|path| path.extension() == Some(OsStr::new("mtrace")))
+            .collect()
+    };
+    traces()
+        .iter()
+        .for_each(|old| fs::remove_file(old).expect("remove an old trace"));
+    let child = c_program(&exe)
         .env("MAPIALLOC_LEAKS", "1")
-        .env("MAPIALLOC_TRACE", &trace_path));
+        .env("MAPIALLOC_TRACE", dir.join("leaks-%p.mtrace"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run leaks");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("leaks ran");
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    let trace_path = dir.join(format!("leaks-{pid}.mtrace"));
+    assert_eq!(traces(), std::slice::from_ref(&trace_path));
     assert!(output.status.success(), "leaks.c failed: {}", output.status);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let lines: Vec<&str> = stderr.lines().collect();

@@ -285,6 +285,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_checked_in_traces_replay_on_the_engine() {
+        let traces = Path::new(env!("CARGO_MANIFEST_DIR")).join("traces");
+        for (name, threads) in [("provider", 2), ("churn", 4)] {
+            let replay = Replay::load(&traces.join(name).with_extension("mtrace")).unwrap();
+            assert_eq!(replay.threads.len(), threads, "{name}");
+            assert_eq!(replay.failed_calls, 0, "{name}");
+            StrategyKind::Engine.visit(ReplayOnEvery(replay));
+        }
+    }
+
+    #[test]
     fn a_trace_replays_on_every_strategy() {
         let records = crate::trace::parse(&crate::trace::encode(&sample_trace())).unwrap();
         let replay = Replay::new(&records);
