@@ -155,8 +155,9 @@ unsafe fn store_result(out: *mut LPVOID, result: Result<ptr::NonNull<u8>, Scode>
     code.0
 }
 
-/// Traces an allocation call that returned `result`, timed after the call (a block cannot
-/// reach another thread before its call returned). `pointer` is the root's address.
+/// Traces an allocation call that returned `result`, made at `time_ns` (see
+/// [`crate::trace`] for which instant). `pointer` is the root's address. Out of line: it is
+/// never on the untraced path.
 #[cold]
 #[inline(never)]
 fn record_allocation(
@@ -165,9 +166,10 @@ fn record_allocation(
     cb_size: ULONG,
     pointer: u64,
     result: &Result<ptr::NonNull<u8>, Scode>,
+    time_ns: u64,
 ) {
     let status = result.map_or_else(Status::of_scode, |_| Status::Ok);
-    recorder.record(call, status, cb_size, pointer, recorder.now());
+    recorder.record(call, status, cb_size, pointer, time_ns);
 }
 
 /// Writes `value` through `out` unless `out` is NULL.
@@ -205,8 +207,17 @@ pub unsafe extern "system" fn MAPIAllocateBuffer(cbSize: ULONG, lppBuffer: *mut 
         }
         let result = byte_count(cbSize).and_then(|size| default_heap().allocate_buffer(size));
         if let Some(recorder) = trace::recorder() {
+            // Timed after the call: the root cannot reach another thread before that.
             let root = result.map_or(0, |block| block.as_ptr() as u64);
-            record_allocation(recorder, Call::AllocateBuffer, cbSize, root, &result);
+            let time_ns = recorder.now();
+            record_allocation(
+                recorder,
+                Call::AllocateBuffer,
+                cbSize,
+                root,
+                &result,
+                time_ns,
+            );
         }
         // SAFETY: `lppBuffer` is non-NULL (checked above), and the caller guarantees it is
         // aligned and writable.
@@ -247,9 +258,14 @@ pub unsafe extern "system" fn MAPIAllocateMore(
             return MAPI_E_INVALID_PARAMETER;
         }
         let parent = lpObject.cast::<u8>();
+        let recorder = trace::recorder();
+        // Timed before the call: a root freed while the call runs may be handed out again
+        // before it returns, and the link belongs to the old root (see `crate::trace`).
+        let time_ns = recorder.map(trace::Recorder::now);
         let result = byte_count(cbSize).and_then(|size| default_heap().allocate_more(size, parent));
-        if let Some(recorder) = trace::recorder() {
-            record_allocation(recorder, Call::AllocateMore, cbSize, parent as u64, &result);
+        if let (Some(recorder), Some(time_ns)) = (recorder, time_ns) {
+            let root = parent as u64;
+            record_allocation(recorder, Call::AllocateMore, cbSize, root, &result, time_ns);
         }
         // SAFETY: `lppBuffer` is non-NULL (checked above), and the caller guarantees it is
         // aligned and writable.

@@ -13,16 +13,20 @@
 //! counter once). A full buffer is written to the file as one *chunk* with a single `write`
 //! on a descriptor opened with `O_APPEND`, so chunks of concurrent threads never interleave.
 //! Buffers are also flushed at thread exit (a thread-local destructor) and at process exit
-//! (an `atexit` hook, for the thread that calls `exit`). Records of threads still running
-//! when the process exits, and of calls made while a thread's thread-locals are being torn
-//! down after its buffer was flushed (those are written as one-record chunks), are the only
-//! ones at risk: the former are lost, as with any buffered tracer.
+//! (an `atexit` hook, for the thread that calls `exit`). Only the records of threads still
+//! running when the process exits are lost, as with any buffered tracer; a call made after
+//! its thread's buffer is gone (from another thread-local's destructor) is written at once,
+//! as a chunk of one record.
 //!
 //! Timestamps are taken so that the order of times is the order of effects across threads:
-//! after the call for `MAPIAllocateBuffer` and `MAPIAllocateMore` (a block cannot be handed
-//! to another thread before its call returned), before the call for `MAPIFreeBuffer` (an
-//! address cannot be handed out again before the free that released it started). The
-//! replayer relies on this to tell apart roots that reuse one address.
+//! after the call for `MAPIAllocateBuffer` (a root cannot reach another thread before its
+//! call returned), before the call for `MAPIAllocateMore` and `MAPIFreeBuffer` (a link or a
+//! free acts on its root before the root's address can be handed out again, so its start
+//! precedes the next allocation at that address). The replayer relies on this to tell apart
+//! roots that reuse one address. The one call it can misplace is a link that raced its
+//! root's free and won while timed after the free started: it is left out, as if it failed.
+//!
+//! Calls with a NULL out pointer allocate nothing and are not recorded.
 //!
 //! # Format (version 1, all integers little-endian)
 //!
