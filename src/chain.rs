@@ -252,6 +252,7 @@ impl Header {
         limit: usize,
         mut size_of: impl FnMut(&Header) -> usize,
     ) -> (usize, usize) {
+        // Acquire: pairs with the links' Release CAS, so the headers walked are published.
         let word = self.link.load(Ordering::Acquire);
         if word & TAGS != 0 {
             return (0, 0);
@@ -262,6 +263,7 @@ impl Header {
             // mapped while the caller is pinned (small segments always, large spans by the
             // epoch), and headers are atomics.
             let block: &Header = unsafe { &*std::ptr::with_exposed_provenance(next) };
+            // Acquire: as above, for the next link (published by an older link's CAS).
             let link = block.link.load(Ordering::Acquire);
             if link & TAGS != LINKED_TAG || block.meta().kind() != Some(Kind::Linked) {
                 break;

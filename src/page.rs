@@ -176,6 +176,7 @@ impl Page {
         // offset < PAGE_SIZE <= 2^16 and size < 2^16, so the reciprocal gives the exact
         // quotient; the product check rejects interior pointers.
         let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
+        // Acquire (`reserved`): pairs with the Release store in `carve`: headers below it exist.
         if size == 0 || index * size != offset || index >= self.reserved.load(Ordering::Acquire) {
             return None;
         }
@@ -194,6 +195,7 @@ impl Page {
     /// Every carved block's header, for enumeration by any thread (headers are atomics; the
     /// caller treats what it reads as a snapshot).
     pub(crate) fn carved_blocks(&self) -> impl Iterator<Item = &Header> {
+        // Acquire, both: pair with the Release stores in `init` and `carve`, as in `block_at`.
         let size = self.block_size.load(Ordering::Acquire);
         let carved = if size == 0 {
             0
@@ -373,6 +375,7 @@ impl Page {
     pub(crate) fn neighbour_intact(&self, block: &Header) -> bool {
         let size = self.block_size.load(Ordering::Relaxed);
         let next = block as *const Header as usize + size;
+        // Acquire: pairs with the Release store in `carve`: a header below `reserved` exists.
         if (next - self.area) / size >= self.reserved.load(Ordering::Acquire) {
             return true;
         }

@@ -71,6 +71,7 @@ impl PageStack {
 
     /// Pops a page; the caller owns it from then on.
     pub(crate) fn pop(&self) -> Option<&Page> {
+        // Acquire: pairs with the Release CAS in `push`, so `next` of the head is the pushed one.
         let mut head = self.head.load(Ordering::Acquire);
         loop {
             let top: *const Page = std::ptr::with_exposed_provenance(head & ADDRESS);

@@ -51,7 +51,8 @@ pub(crate) mod os {
     /// Test hook for OOM injection: when non-zero, the mapping that brings the count to zero fails.
     static FAIL_AFTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-    /// Makes the `n`th next mapping (1-based) fail; 0 switches the hook off.
+    /// Makes the `n`th next mapping (1-based) fail; 0 switches the hook off. (SeqCst: a test
+    /// hook, off every fast path, so the simplest reasoning wins.)
     pub(crate) fn fail_nth_mapping(n: usize) {
         FAIL_AFTER.store(n, std::sync::atomic::Ordering::SeqCst);
     }
@@ -397,6 +398,7 @@ impl Table {
 
     fn set(&self, key: usize, value: usize) {
         let slot = &self.top[key >> LEAF_BITS];
+        // Acquire: pairs with the Release CAS below (another thread's), as in `get`.
         let mut leaf = slot.load(Ordering::Acquire);
         if leaf.is_null() {
             let fresh = Box::into_raw(Box::new(Leaf(std::array::from_fn(|_| AtomicUsize::new(0)))));
@@ -458,6 +460,7 @@ impl Table {
 }
 
 /// Loom's registry: a few (key, value) slots scanned linearly, so models create few atomics.
+/// Its Acquire loads pair with its Release stores and CAS, as in the real table.
 #[cfg(loom)]
 struct Table {
     slots: Vec<(AtomicUsize, AtomicUsize)>,

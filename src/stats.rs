@@ -90,6 +90,7 @@ impl StatsSlots {
         std::iter::from_fn(move || {
             // SAFETY: slots are published complete and live until the heap drops.
             let slot = unsafe { cur.as_ref()? };
+            // Acquire: pairs with the Release CAS in `claim`, as for the head.
             cur = slot.next.load(Ordering::Acquire);
             Some(slot)
         })
