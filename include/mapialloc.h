@@ -92,6 +92,11 @@ struct mapialloc_stats {
      * `MAPIAllocateMore` whose `lpObject` is NULL, freed, a linked block, or foreign.
      */
     uint64_t bad_parents;
+    /**
+     * Block headers found overwritten by a write past the end of the block before them
+     * (checked only by a library built with the `hardened` feature; 0 otherwise).
+     */
+    uint64_t corruptions;
 };
 
 /**

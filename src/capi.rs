@@ -94,6 +94,9 @@ pub struct MapiallocStats {
     pub foreign_frees: u64,
     /// `MAPIAllocateMore` whose `lpObject` is NULL, freed, a linked block, or foreign.
     pub bad_parents: u64,
+    /// Block headers found overwritten by a write past the end of the block before them
+    /// (checked only by a library built with the `hardened` feature; 0 otherwise).
+    pub corruptions: u64,
 }
 
 impl From<Stats> for MapiallocStats {
@@ -108,6 +111,7 @@ impl From<Stats> for MapiallocStats {
             linked_frees: s.linked_frees,
             foreign_frees: s.foreign_frees,
             bad_parents: s.bad_parents,
+            corruptions: s.corruptions,
         }
     }
 }
@@ -470,7 +474,7 @@ mod tests {
 
     #[test]
     fn stats_struct_is_nine_u64_counters() {
-        assert_eq!(std::mem::size_of::<MapiallocStats>(), 9 * 8);
+        assert_eq!(std::mem::size_of::<MapiallocStats>(), 10 * 8);
         assert_eq!(std::mem::align_of::<MapiallocStats>(), 8);
     }
 }
