@@ -282,6 +282,14 @@ pub(crate) struct Chain {
     next: usize,
 }
 
+impl Chain {
+    /// Whether the closed root had no linked block.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.next == 0
+    }
+}
+
 impl Iterator for Chain {
     type Item = *const Header;
 
