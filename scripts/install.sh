@@ -46,8 +46,11 @@ echo "install.sh: building mapialloc $VERSION (release, soname $SONAME)"
 BUILD=("$CARGO" rustc --target-dir "$TARGET_DIR" --release --lib --no-default-features)
 "${BUILD[@]}" --crate-type cdylib -- -C "link-arg=-Wl,-soname,$SONAME"
 # The static library, and the system libraries it needs (for the .pc's Libs.private).
-NATIVE=$("${BUILD[@]}" --crate-type staticlib -- --print native-static-libs 2>&1 | tee /dev/stderr |
-    sed -n 's/.*native-static-libs: //p' | tail -n 1)
+# (Printed to stderr with printf, not `tee /dev/stderr`: tee would reopen, and truncate, a
+# log file that stderr is redirected to.)
+BUILD_LOG=$("${BUILD[@]}" --crate-type staticlib -- --print native-static-libs 2>&1)
+printf '%s\n' "$BUILD_LOG" >&2
+NATIVE=$(printf '%s\n' "$BUILD_LOG" | sed -n 's/.*native-static-libs: //p' | tail -n 1)
 if [ -z "$NATIVE" ]; then
     # The build was fresh and cargo did not replay rustc's note: the Linux default.
     NATIVE="-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc"
