@@ -367,17 +367,31 @@ const KEY_BITS: usize = 47 - SEGMENT_SHIFT;
 #[cfg(not(loom))]
 const TOP_LEN: usize = 1 << (KEY_BITS - LEAF_BITS);
 
+/// A boxed `T` whose bytes are all zero: the registry's tables are arrays of atomics, which
+/// zero makes null, and a zeroed allocation costs nothing up front (it also keeps Miri from
+/// initialising 4,096 atomics one by one).
+///
+/// # Safety
+/// All-zero bytes are a valid `T` (true of arrays of `AtomicUsize` and `AtomicPtr`).
+#[cfg(not(loom))]
+unsafe fn zeroed<T>() -> Box<T> {
+    let layout = std::alloc::Layout::new::<T>();
+    // SAFETY: `T` is one of the registry's non-empty tables, so the layout has a size.
+    let raw = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if raw.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: allocated for `T` by the global allocator, and zero bytes are a valid `T` (the
+    // caller's promise).
+    unsafe { Box::from_raw(raw) }
+}
+
 #[cfg(not(loom))]
 impl Table {
     fn new() -> Table {
-        let top: Box<[AtomicPtr<Leaf>]> = (0..TOP_LEN)
-            .map(|_| AtomicPtr::new(ptr::null_mut()))
-            .collect();
-        Table {
-            top: top
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("TOP_LEN entries")),
-        }
+        // SAFETY: an array of `AtomicPtr`: zero is null.
+        let top = unsafe { zeroed() };
+        Table { top }
     }
 
     #[inline]
@@ -401,7 +415,8 @@ impl Table {
         // Acquire: pairs with the Release CAS below (another thread's), as in `get`.
         let mut leaf = slot.load(Ordering::Acquire);
         if leaf.is_null() {
-            let fresh = Box::into_raw(Box::new(Leaf(std::array::from_fn(|_| AtomicUsize::new(0)))));
+            // SAFETY: a `Leaf` is an array of `AtomicUsize`: zero is 0.
+            let fresh = Box::into_raw(unsafe { zeroed::<Leaf>() });
             // Release/Acquire: publishes the zeroed leaf / sees a racing thread's leaf.
             leaf = match slot.compare_exchange(
                 ptr::null_mut(),

@@ -65,7 +65,9 @@ pub enum FreeOutcome {
 pub(crate) struct Shared {
     collector: ManuallyDrop<Collector>,
     pub(crate) registry: Registry,
-    pub(crate) reclaim: Reclaim,
+    /// Boxed: the epoch's deferred returns point into it, and must not point into a `Shared`
+    /// that `Drop` holds as `&mut` while the collector runs them.
+    pub(crate) reclaim: Box<Reclaim>,
     pub(crate) stats: StatsSlots,
     next_cache_id: AtomicUsize,
     /// Set when the `Heap` handle is dropped: caches of other threads let go at their next chance.
@@ -84,7 +86,7 @@ impl Shared {
         Shared {
             collector: ManuallyDrop::new(Collector::new()),
             registry: Registry::new(),
-            reclaim: Reclaim::new(),
+            reclaim: Box::new(Reclaim::new()),
             stats: StatsSlots::new(),
             next_cache_id: AtomicUsize::new(1),
             dropped: AtomicBool::new(false),
