@@ -6,12 +6,9 @@
 #
 # Usage: scripts/miri.sh [extra cargo-miri test args]
 # Prints "SKIPPED: <why>" and exits 0 only when nightly Miri cannot be installed.
-# MIRI_KNOWN_BUGS=1 also runs the tests ignored under Miri for a known engine bug (see
-# tests/miri_subset.rs, heap_dropped_with_returns_pending).
 #
-# Cost: the tests share one heap because each new heap costs Miri about two minutes under
-# Tree Borrows (the registry leaf built with std::array::from_fn in src/segment.rs is checked
-# in quadratic time); the whole run takes a few minutes on 2 cores, most of it the first heap.
+# Cost: the cases share one heap (a heap used to cost Miri about two minutes, before the
+# registry's tables were allocated zeroed); the whole run takes a few minutes on 2 cores.
 #
 # Built without default features: the lab (and its C dependencies mimalloc and jemalloc,
 # which Miri cannot interpret) is not part of the engine. Under cfg(miri) the engine's OS
@@ -48,9 +45,5 @@ cargo "+$toolchain" miri setup >/dev/null
 # The lib's unit tests: only the size-class table (the capi module's tests use the
 # process-wide default heap and belong to the C suite).
 cargo "+$toolchain" miri test --no-default-features --lib "$@" -- size_class
-known_bugs=()
-if [ "${MIRI_KNOWN_BUGS:-0}" = 1 ]; then
-    known_bugs=(--include-ignored)
-fi
-cargo "+$toolchain" miri test --no-default-features --test miri_subset "$@" -- "${known_bugs[@]}"
+cargo "+$toolchain" miri test --no-default-features --test miri_subset "$@"
 echo "miri: clean"

@@ -164,11 +164,8 @@ impl<'h> Fixture<'h> {
     }
 }
 
-/// Drops a heap once its deferred returns have run.
-///
-/// Works around the engine bug that [`heap_dropped_with_returns_pending`] shows under Miri:
-/// releasing this thread's cache and collecting first leaves the epoch collector nothing to run
-/// when the heap's shared state is dropped. Every other thread that used the heap has exited.
+/// Drops a heap after releasing this thread's cache and collecting, as a provider shutting
+/// down would; [`heap_dropped_with_returns_pending`] covers the plain drop.
 #[cfg(miri)]
 fn drop_heap(heap: Heap) {
     heap.release_thread_cache();
@@ -606,17 +603,11 @@ fn misuse_is_answered_without_corruption(fixture: &Fixture<'_>) {
 }
 
 /// A heap dropped while its deferred returns are still pending (the usual case: nobody
-/// collects before dropping). Natively this passes. Under Miri it exposes an engine bug
-/// (reported to the lead): `Shared::drop` drops the epoch collector, whose pending deferred
-/// functions (`Reclaim::pool_push`, the span unmaps) write `Reclaim::pending` through a
-/// `*const Reclaim` into the very `Shared` that `drop(&mut self)` holds a protected `&mut`
-/// to, and Tree Borrows reports that foreign write to a protected tag as UB. So the test is
-/// ignored under Miri until the engine is fixed; `MIRI_KNOWN_BUGS=1 scripts/miri.sh` runs it.
+/// collects before dropping). Under Miri this caught an engine bug, since fixed:
+/// `Shared::drop` dropped the epoch collector, whose pending deferred functions wrote through
+/// a pointer into the very `Shared` that `drop(&mut self)` held, which Tree Borrows reports as
+/// UB. `Reclaim` now has its own allocation.
 #[test]
-#[cfg_attr(
-    miri,
-    ignore = "engine bug: Shared::drop runs deferred returns under its protected &mut self"
-)]
 fn heap_dropped_with_returns_pending() {
     let heap = Heap::new();
     // Blocks on two pages: freeing them empties the page that is not current, whose return
