@@ -76,6 +76,8 @@ pub(crate) enum Kind {
 pub(crate) const LARGE_CLASS: u8 = u8::MAX;
 
 const MAGIC: u64 = 0x4d41_5049; // "MAPI"
+/// `meta` flag of a chunk (kind `Linked`).
+const CHUNK_FLAG: u64 = 1 << 16;
 
 /// A decoded `meta` word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +91,17 @@ impl Meta {
             Kind::Free => 3,
         };
         Meta(MAGIC << 32 | (class as u64) << 8 | k)
+    }
+
+    /// The `meta` of a chunk (a linked block that linked blocks are carved from, see `chunk`).
+    fn chunk(class: u8) -> Meta {
+        Meta(Meta::new(Kind::Linked, class).0 | CHUNK_FLAG)
+    }
+
+    /// Whether this is a chunk's `meta`.
+    #[inline]
+    pub(crate) fn is_chunk(self) -> bool {
+        self.0 & CHUNK_FLAG != 0
     }
 
     /// The kind, or `None` when the magic is wrong (not a header of ours).
@@ -162,6 +175,15 @@ impl Header {
         // Release: pairs with the Acquire load in `meta()` by validators on other threads.
         self.meta
             .store(Meta::new(Kind::Linked, class).0, Ordering::Release);
+    }
+
+    /// Marks this (owned, free) block as a chunk of `class`, not yet in any chain. The caller
+    /// starts its prologue (see `chunk`) before publishing it with `link`.
+    #[inline]
+    pub(crate) fn start_chunk(&self, class: u8) {
+        self.link.store(LINKED_TAG, Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `meta()` by validators on other threads.
+        self.meta.store(Meta::chunk(class).0, Ordering::Release);
     }
 
     /// Marks a linked block of `class` that its owner is giving back as free: links to it
@@ -243,14 +265,15 @@ impl Header {
 }
 
 impl Header {
-    /// Counts the blocks linked to this root and sums their usable sizes (`size_of` maps a
-    /// linked header to its size), without closing anything. Other threads may be linking
+    /// Counts the blocks linked to this root and sums their usable sizes (`tally` maps a
+    /// linked header to the blocks and bytes it holds: a chunk holds many), without closing
+    /// anything. Other threads may be linking
     /// or freeing meanwhile: the walk stops at anything that is not a linked block, and after
     /// `limit` blocks, so it is a snapshot, not an exact count. The caller must be pinned.
     pub(crate) fn peek_chain(
         &self,
         limit: usize,
-        mut size_of: impl FnMut(&Header) -> usize,
+        mut tally: impl FnMut(&Header) -> (usize, usize),
     ) -> (usize, usize) {
         // Acquire: pairs with the links' Release CAS, so the headers walked are published.
         let word = self.link.load(Ordering::Acquire);
@@ -268,8 +291,9 @@ impl Header {
             if link & TAGS != LINKED_TAG || block.meta().kind() != Some(Kind::Linked) {
                 break;
             }
-            blocks += 1;
-            bytes += size_of(block);
+            let (b, n) = tally(block);
+            blocks += b;
+            bytes += n;
             next = link & ADDRESS;
         }
         (blocks, bytes)

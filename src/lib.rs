@@ -52,6 +52,7 @@
 #[cfg(not(loom))]
 pub mod capi;
 mod chain;
+mod chunk;
 mod heap;
 #[cfg(feature = "lab")]
 pub mod lab;

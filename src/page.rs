@@ -192,6 +192,29 @@ impl Page {
         Some((header, meta))
     }
 
+    /// The header and `meta` of the carved block that contains `user` (anywhere in it), for
+    /// classifying pointers that are not block starts. Any thread may ask; what it reads of
+    /// a page it does not own is a snapshot.
+    pub(crate) fn block_containing(&self, user: usize) -> Option<(&Header, Meta)> {
+        // Acquire, both: as in `block_at`.
+        let size = self.block_size.load(Ordering::Acquire);
+        let offset = user.checked_sub(self.area)?;
+        let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
+        if size == 0 || offset >= PAGE_SIZE || index >= self.reserved.load(Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: block `index` was carved, so its header was written, and the page's memory
+        // stays mapped while the heap lives.
+        let header: &Header =
+            unsafe { &*std::ptr::with_exposed_provenance(self.area + index * size) };
+        let meta = header.meta();
+        // As in `block_at`: the layout must not have changed under the read.
+        if self.block_size.load(Ordering::Relaxed) != size {
+            return None;
+        }
+        Some((header, meta))
+    }
+
     /// Every carved block's header, for enumeration by any thread (headers are atomics; the
     /// caller treats what it reads as a snapshot).
     pub(crate) fn carved_blocks(&self) -> impl Iterator<Item = &Header> {

@@ -20,6 +20,10 @@
 //! stacks are ABA-safe on their own, so refills never pin.
 
 use crate::chain::{Header, Kind, Meta, NotAnOpenRoot, HEADER_SIZE, LARGE_CLASS};
+use crate::chunk::{
+    self, carve_size, CarverGets, FreerGets, Tally, CARVE_MAX, CHUNK_FIRST_BLOCK, CHUNK_MAX_BLOCK,
+    PROLOGUE_SIZE,
+};
 use crate::page::{link_blocks, Page};
 use crate::reclaim::Reclaim;
 use crate::scode::Scode;
@@ -139,7 +143,14 @@ impl Shared {
         let mut visit = |header: &Header, owner: usize| {
             if header.meta().kind() == Some(Kind::Root) {
                 let size = size_of(header);
-                let (linked_blocks, linked_bytes) = header.peek_chain(PEEK_LIMIT, size_of);
+                let (linked_blocks, linked_bytes) = header.peek_chain(PEEK_LIMIT, |block| {
+                    if block.meta().is_chunk() {
+                        let tally = chunk::prologue(block).peek();
+                        (tally.blocks as usize, tally.bytes as usize)
+                    } else {
+                        (1, size_of(block))
+                    }
+                });
                 roots.push(LiveRoot {
                     ptr: user_ptr(header),
                     size,
@@ -195,12 +206,45 @@ struct RemoteBatch<'a> {
     hit_abandoned: bool,
 }
 
+/// The chunk a thread carves linked blocks from, and the root it belongs to. The bump cursor
+/// lives here, not in the chunk, so carving writes nothing another thread reads but the tally.
+struct Carver {
+    /// User pointer of the chunk's root; 0 when there is no chunk.
+    root: usize,
+    /// The chunk's header (null when there is none).
+    chunk: *const Header,
+    /// Start of the chunk's payload, next free byte, and end (where the start bitmap is).
+    payload: usize,
+    top: usize,
+    end: usize,
+    tally: Tally,
+    /// Block size of the next chunk for the same root (chunks grow with the chain).
+    next_block: usize,
+}
+
+impl Carver {
+    const EMPTY: Carver = Carver {
+        root: 0,
+        chunk: ptr::null(),
+        payload: 0,
+        top: 0,
+        end: 0,
+        tally: Tally {
+            blocks: 0,
+            bytes: 0,
+        },
+        next_block: CHUNK_FIRST_BLOCK,
+    };
+}
+
 /// One thread's cache for one heap.
 pub(crate) struct ThreadCache {
     id: usize,
     current: [Option<NonNull<Page>>; NUM_CLASSES],
     pages: [Vec<NonNull<Page>>; NUM_CLASSES],
     stats: NonNull<StatsSlot>,
+    /// The chunk this thread carves small linked blocks from (see `chunk`).
+    carver: Carver,
     /// Hardened builds: freed blocks waiting for a grace period before reuse.
     #[cfg(feature = "hardened")]
     quarantine: Vec<(&'static Page, *const Header)>,
@@ -216,6 +260,7 @@ impl ThreadCache {
             current: [None; NUM_CLASSES],
             pages: std::array::from_fn(|_| Vec::new()),
             stats: NonNull::from(shared.stats.claim()),
+            carver: Carver::EMPTY,
             #[cfg(feature = "hardened")]
             quarantine: Vec::with_capacity(QUARANTINE_BATCH),
             handle: shared.collector.register(),
@@ -247,16 +292,57 @@ impl ThreadCache {
     }
 
     /// Allocates `size` bytes linked to the root `parent`.
+    #[inline]
     pub(crate) fn allocate_more(
         &mut self,
         size: usize,
         parent: *mut u8,
     ) -> Result<NonNull<u8>, Scode> {
+        // The fast path: the chunk we carve from belongs to `parent`, has room, and the root's
+        // freer has not passed it (see `chunk` for why that makes the carve safe).
+        let carver = &mut self.carver;
+        if parent as usize == carver.root && size <= CARVE_MAX {
+            let need = carve_size(size);
+            if carver.end - carver.top >= need {
+                // SAFETY: `chunk` is set whenever `root` is.
+                let prologue = chunk::prologue(unsafe { &*carver.chunk });
+                if !prologue.freed() {
+                    let block = carver.top;
+                    chunk::mark_start(carver.payload, carver.end, block);
+                    carver.top += need;
+                    carver.tally.blocks += 1;
+                    carver.tally.bytes += need as u32;
+                    prologue.record(carver.tally);
+                    self.count(Counter::BlocksAllocated, 1);
+                    self.count(Counter::BytesAllocated, need as u64);
+                    // SAFETY: a carved block lies inside a mapped chunk, so it is not null.
+                    return Ok(unsafe {
+                        NonNull::new_unchecked(ptr::with_exposed_provenance_mut(block))
+                    });
+                }
+            }
+        }
+        self.allocate_more_slow(size, parent)
+    }
+
+    /// `allocate_more` when the carver cannot serve it: validates the parent, then carves from
+    /// a new chunk, or links a block of its own for a large request (or a hardened heap).
+    #[cold]
+    #[inline(never)]
+    fn allocate_more_slow(&mut self, size: usize, parent: *mut u8) -> Result<NonNull<u8>, Scode> {
         let mut guard = None;
         let root = match self.locate(parent as usize, &mut guard) {
             Some((header, meta, _)) if meta.kind() == Some(Kind::Root) => header,
-            _ => return Err(self.bad_parent()),
+            _ => {
+                if parent as usize == self.carver.root {
+                    self.release_carver(&mut guard);
+                }
+                return Err(self.bad_parent());
+            }
         };
+        if size <= CARVE_MAX && !self.hardened() {
+            return self.carve_from_new_chunk(size, parent as usize, root, &mut guard);
+        }
         let (block, class, usable) = self.alloc_block(size)?;
         block.start_linked(class);
         match root.link(block) {
@@ -269,12 +355,94 @@ impl ThreadCache {
                 // The parent was freed (or its block reused as a linked one) since we checked
                 // it: the block was never published, so it simply goes back.
                 block.finish(class);
-                let mut batch = RemoteBatch::new();
-                self.give_back(block, class, self.home_of(block), &mut batch, &mut guard);
-                self.flush_batch(&mut batch);
+                self.give_back_one(block, class, &mut guard);
                 Err(self.bad_parent())
             }
         }
+    }
+
+    /// Lets go of the current chunk and links a new one to `root` (whose user pointer is
+    /// `parent`), then carves `size` bytes from it.
+    fn carve_from_new_chunk(
+        &mut self,
+        size: usize,
+        parent: usize,
+        root: &Header,
+        guard: &mut Option<Guard>,
+    ) -> Result<NonNull<u8>, Scode> {
+        let need = carve_size(size);
+        // Chunks grow while one thread keeps linking to one root, so long chains take few.
+        let mut block_size = if parent == self.carver.root {
+            self.carver.next_block
+        } else {
+            CHUNK_FIRST_BLOCK
+        };
+        while chunk::layout(block_size - HEADER_SIZE).starts - PROLOGUE_SIZE < need {
+            block_size *= 2;
+        }
+        self.release_carver(guard);
+        let (chunk, class, usable) = self.alloc_block(block_size - HEADER_SIZE)?;
+        chunk.start_chunk(class);
+        let prologue = chunk::prologue(chunk);
+        prologue.start();
+        let base = chunk.user() as usize;
+        let layout = chunk::layout(usable);
+        let (payload, end) = (base + layout.payload, base + layout.starts);
+        chunk::clear_starts(payload, end, base + usable);
+        chunk::mark_start(payload, end, payload);
+        if root.link(chunk).is_err() {
+            chunk.finish(class);
+            self.give_back_one(chunk, class, guard);
+            return Err(self.bad_parent());
+        }
+        let tally = Tally {
+            blocks: 1,
+            bytes: need as u32,
+        };
+        prologue.record(tally);
+        self.carver = Carver {
+            root: parent,
+            chunk,
+            payload,
+            top: payload + need,
+            end,
+            tally,
+            next_block: (block_size * 2).min(CHUNK_MAX_BLOCK),
+        };
+        self.count(Counter::BlocksAllocated, 1);
+        self.count(Counter::BytesAllocated, need as u64);
+        // SAFETY: inside a mapped chunk, so not null.
+        Ok(unsafe { NonNull::new_unchecked(ptr::with_exposed_provenance_mut(payload)) })
+    }
+
+    /// Lets go of the chunk we carve from: seals it, or gives it back if its root's freer has
+    /// already passed it.
+    fn release_carver(&mut self, guard: &mut Option<Guard>) {
+        let carver = std::mem::replace(&mut self.carver, Carver::EMPTY);
+        if carver.chunk.is_null() {
+            return;
+        }
+        // SAFETY: the chunk is held by us, so it is live.
+        let chunk = unsafe { &*carver.chunk };
+        if let CarverGets::GiveBack(tally) = chunk::prologue(chunk).seal(carver.tally) {
+            self.give_back_chunk(chunk, tally, guard);
+        }
+    }
+
+    /// Gives back a chunk whose root was freed, counting the blocks carved from it as freed.
+    fn give_back_chunk(&mut self, chunk: &Header, tally: Tally, guard: &mut Option<Guard>) {
+        let class = chunk.meta().class();
+        chunk.finish(class);
+        self.give_back_one(chunk, class, guard);
+        self.count(Counter::BlocksFreed, tally.blocks as u64);
+        self.count(Counter::BytesFreed, tally.bytes as u64);
+    }
+
+    /// Gives one owned, finished block back outside a chain walk.
+    fn give_back_one(&mut self, block: &Header, class: u8, guard: &mut Option<Guard>) {
+        let mut batch = RemoteBatch::new();
+        self.give_back(block, class, self.home_of(block), &mut batch, guard);
+        self.flush_batch(&mut batch);
     }
 
     fn bad_parent(&self) -> Scode {
@@ -413,7 +581,7 @@ impl ThreadCache {
         }
         let mut guard = None;
         let Some((root, meta, home)) = self.locate(user as usize, &mut guard) else {
-            return self.misuse(FreeOutcome::Foreign);
+            return self.misuse(self.classify_interior(user as usize));
         };
         match meta.kind() {
             Some(Kind::Root) => {}
@@ -442,9 +610,31 @@ impl ThreadCache {
         let mut batch = RemoteBatch::new();
         let (mut blocks, mut bytes) = (1, 0);
         for linked in chain {
-            // SAFETY: chain blocks are live until we give them back just below.
+            // SAFETY: chain blocks are live until we give them back just below (a chunk its
+            // carver still holds: until we mark it freed).
             let linked = unsafe { &*linked };
-            let class = linked.meta().class();
+            let meta = linked.meta();
+            let class = meta.class();
+            if meta.is_chunk() {
+                let tally = if ptr::eq(linked, self.carver.chunk) {
+                    // Ours: nobody else touches its state.
+                    std::mem::replace(&mut self.carver, Carver::EMPTY).tally
+                } else {
+                    match chunk::prologue(linked).free() {
+                        FreerGets::GiveBack(tally) => tally,
+                        FreerGets::LeaveToCarver(tally) => {
+                            blocks += tally.blocks as u64;
+                            bytes += tally.bytes as usize;
+                            continue;
+                        }
+                    }
+                };
+                linked.finish(class);
+                self.give_back(linked, class, self.home_of(linked), &mut batch, &mut guard);
+                blocks += tally.blocks as u64;
+                bytes += tally.bytes as usize;
+                continue;
+            }
             linked.finish(class);
             bytes += self.give_back(linked, class, self.home_of(linked), &mut batch, &mut guard);
             blocks += 1;
@@ -477,6 +667,24 @@ impl ThreadCache {
         };
         self.count(counter, 1);
         outcome
+    }
+
+    /// A pointer that is not a block start: a block carved from a chunk (a linked block, by
+    /// containment), or foreign. Called with the guard `locate` took, if it took one.
+    #[cold]
+    fn classify_interior(&self, user: usize) -> FreeOutcome {
+        if let Some(Region::Small(segment)) = self.shared.registry.lookup(user) {
+            if let Some((chunk, meta)) = segment.page_of(user).block_containing(user) {
+                let usable = usable_size(meta.class() as usize);
+                if meta.kind() == Some(Kind::Linked)
+                    && meta.is_chunk()
+                    && chunk::is_block_start(chunk, usable, user)
+                {
+                    return FreeOutcome::LinkedBlock;
+                }
+            }
+        }
+        FreeOutcome::Foreign
     }
 
     /// Where a live block of ours lives.
@@ -714,6 +922,7 @@ impl ThreadCache {
     /// Adopts every abandoned page, sweeps our pages (pooling the empty ones) and lets the
     /// epoch advance so deferred returns run.
     pub(crate) fn collect(&mut self) {
+        self.release_carver(&mut None);
         #[cfg(feature = "hardened")]
         {
             // Quarantined blocks first, so that the sweep below finds their pages empty.
@@ -763,6 +972,7 @@ impl ThreadCache {
 
     /// Thread exit: empty pages go to the pool, the others are abandoned for adoption.
     fn abandon_all(&mut self) {
+        self.release_carver(&mut None);
         #[cfg(feature = "hardened")]
         self.flush_quarantine(&mut None);
         let guard = self.handle.pin();

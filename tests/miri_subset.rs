@@ -453,7 +453,13 @@ fn chain_built_on_one_thread_freed_on_another(fixture: &Fixture<'_>) {
     });
     let stats = fixture.stats();
     assert_empty(stats);
-    assert_eq!(stats.remote_frees, blocks);
+    // Roots and the 3000-byte blocks go back one by one; the small links were carved from
+    // chunks, which go back whole (the last one by its carver, this thread).
+    let remote = stats.remote_frees;
+    assert!(
+        (2 * n as u64..=blocks).contains(&remote),
+        "remote frees {remote}"
+    );
     // The owner drains the remote frees and serves from them again.
     let again: Vec<Chain> = (0..n)
         .map(|i| Chain::new(heap, 16 + i % 300, &[i % 64], !(i as u8)))

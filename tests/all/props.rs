@@ -172,8 +172,10 @@ impl<'h> Model<'h> {
                 if let Some(k) = self.live_index(i) {
                     let chain = self.take_live(k);
                     self.remote_blocks += chain.block_count();
-                    let slab = chain.blocks().filter(|b| b.len() <= SURELY_SLAB).count();
-                    self.remote_slab_blocks += slab as u64;
+                    // Small linked blocks are carved from chunks, which go back as one block:
+                    // only the root surely counts on its own.
+                    let slab = chain.root().len() <= SURELY_SLAB;
+                    self.remote_slab_blocks += u64::from(slab);
                     let (tx, rx) = mpsc::channel();
                     self.worker.send((chain, tx)).expect("worker alive");
                     prop_assert_eq!(rx.recv().expect("worker panicked"), FreeOutcome::Freed);

@@ -1,0 +1,252 @@
+//! Chunks: small linked blocks carved from per-root, per-thread slabs.
+//!
+//! A linked block of at most [`CARVE_MAX`] bytes is not a block of its own: the linking
+//! thread carves it from a *chunk*, a small-class block linked into the root's chain like any
+//! linked block (one CAS), whose header says `Linked` with the chunk flag. The thread keeps the
+//! chunk's bump cursor in its cache (`Carver` in `thread_cache`), so carving writes nothing
+//! shared and needs no locked instruction; a root with 20 strings costs a CAS or two instead
+//! of 20, and its free walks a few chunks instead of 20 blocks.
+//!
+//! Layout of a chunk: `[Header][Prologue][carved blocks...][starts]`. Carved blocks have no
+//! header; `starts` has a bit per 16-byte granule, set by the carver where a block starts, so
+//! that a free of a carved block is told from a free of a pointer into one (SPEC counts them
+//! apart).
+//!
+//! Who gives a chunk back: the chunk's thread may still be carving from it when another
+//! thread frees the root. The `state` word decides, with one swap on each side:
+//!
+//! * the carving thread *seals* the chunk when it moves on (swap to `SEALED`); if it finds
+//!   `FREED`, the root's freer has passed and the carver gives the chunk back itself;
+//! * the root's freer swaps each chunk of the closed chain to `FREED`; if it finds `SEALED`,
+//!   the carver has let go and the freer gives it back; if it finds `HELD`, the carver will.
+//!
+//! Both swaps are RMWs on one word, so exactly one side sees the other's mark. While a chunk
+//! is `HELD` its memory cannot be given back, so the carver's reads and writes of it are
+//! always to live memory. A carve succeeds when the carver reads `HELD` after bumping its
+//! private cursor: the root's freer had then not reached this chunk, so the new block is
+//! freed with the chain (the link linearises before the free). A carver that reads `FREED`
+//! knows the root was freed and fails over to the slow path, which validates the parent.
+//!
+//! The same root address handed out again is never confused with the old root: the freer
+//! marks every chunk `FREED` before it gives the root block back, so a thread that learns of
+//! the new root (through any happens-before edge, as for every allocator) reads `FREED`.
+
+use crate::chain::Header;
+use crate::sync::{AtomicU64, Ordering};
+
+/// The largest request carved from a chunk; larger linked blocks are blocks of their own.
+pub(crate) const CARVE_MAX: usize = if cfg!(loom) { 16 } else { 256 };
+
+/// Block size (header included) of a root's first chunk from one thread; each further chunk
+/// for the same root doubles, up to [`CHUNK_MAX_BLOCK`].
+pub(crate) const CHUNK_FIRST_BLOCK: usize = if cfg!(loom) { 64 } else { 512 };
+/// Block size of the largest chunk (the largest small class).
+pub(crate) const CHUNK_MAX_BLOCK: usize = if cfg!(loom) { 64 } else { 16 << 10 };
+
+/// `state` tag: the chunk's carving thread still holds it.
+const HELD: u64 = 0;
+/// `state` tag: the carving thread let go: the root's freer gives it back.
+const SEALED: u64 = 1;
+/// `state` tag: the root's freer passed: the carving thread gives it back. The rest of the
+/// word is the tally the freer counted as freed; the carver counts the remainder.
+const FREED: u64 = 2;
+const TAG: u64 = 3;
+
+/// The first 16 user bytes of a chunk.
+#[repr(C, align(16))]
+pub(crate) struct Prologue {
+    /// A tag (`HELD`, `SEALED`, `FREED`), and with `FREED` the tally the freer counted, packed
+    /// above it (see the module docs).
+    state: AtomicU64,
+    /// Blocks carved and their bytes, packed; written only by the carving thread, read by the
+    /// root's freer and by `live_roots` snapshots.
+    tally: AtomicU64,
+}
+
+/// Bytes before a chunk's first carved block, from its user pointer.
+pub(crate) const PROLOGUE_SIZE: usize = std::mem::size_of::<Prologue>();
+
+/// Blocks carved from a chunk and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) blocks: u32,
+    pub(crate) bytes: u32,
+}
+
+impl Tally {
+    /// Packs into the bits above `state`'s tag (blocks < 2^30 and bytes < 2^32: a chunk is
+    /// at most 16 KiB).
+    fn pack(self) -> u64 {
+        (self.bytes as u64) << 32 | (self.blocks as u64) << 2
+    }
+
+    fn unpack(word: u64) -> Tally {
+        Tally {
+            blocks: (word as u32) >> 2,
+            bytes: (word >> 32) as u32,
+        }
+    }
+
+    /// What this (later) tally has beyond `earlier`.
+    pub(crate) fn minus(self, earlier: Tally) -> Tally {
+        Tally {
+            blocks: self.blocks - earlier.blocks,
+            bytes: self.bytes - earlier.bytes,
+        }
+    }
+}
+
+/// What the root's freer does with a chunk of its chain.
+pub(crate) enum FreerGets {
+    /// The carver had let go: give the chunk back; it held these blocks.
+    GiveBack(Tally),
+    /// The carver still holds it and will give it back; count these blocks as freed (the
+    /// carver counts any it carved while the free ran).
+    LeaveToCarver(Tally),
+}
+
+/// What the carver does with a chunk it lets go of.
+pub(crate) enum CarverGets {
+    /// The root is still open (or its freer has not reached the chunk): the freer will give
+    /// the chunk back.
+    Nothing,
+    /// The freer passed: give the chunk back, and count these blocks (the ones the freer did
+    /// not count) as freed.
+    GiveBack(Tally),
+}
+
+/// Where a chunk of `usable` user bytes keeps its parts, as offsets from its user pointer:
+/// carved blocks go in `payload..starts`, the start bitmap follows.
+#[derive(Clone, Copy)]
+pub(crate) struct Layout {
+    pub(crate) payload: usize,
+    pub(crate) starts: usize,
+}
+
+/// The layout of a chunk of `usable` user bytes.
+#[inline]
+pub(crate) const fn layout(usable: usize) -> Layout {
+    let granules = (usable - PROLOGUE_SIZE) / GRANULE;
+    let bitmap = (granules.div_ceil(64) * 8 + 15) & !15;
+    Layout {
+        payload: PROLOGUE_SIZE,
+        starts: usable - bitmap,
+    }
+}
+
+/// Carved blocks start at multiples of this from the payload.
+const GRANULE: usize = 16;
+
+/// The start bitmap's word and bit for the block at `block`, in a chunk whose payload starts
+/// at `payload` and whose bitmap starts at `starts` (addresses).
+#[inline]
+fn start_bit(payload: usize, starts: usize, block: usize) -> (&'static AtomicU64, u64) {
+    let granule = (block - payload) / GRANULE;
+    // SAFETY: the bitmap lies inside the chunk's mapped memory, 16-aligned, and its words
+    // are only accessed as atomics.
+    let word =
+        unsafe { &*std::ptr::with_exposed_provenance::<AtomicU64>(starts + granule / 64 * 8) };
+    (word, 1 << (granule % 64))
+}
+
+/// Carver: records that a block starts at `block` (plain load and store: only the carver
+/// writes the bitmap while it holds the chunk).
+#[inline]
+pub(crate) fn mark_start(payload: usize, starts: usize, block: usize) {
+    let (word, bit) = start_bit(payload, starts, block);
+    word.store(word.load(Ordering::Relaxed) | bit, Ordering::Relaxed);
+}
+
+/// Clears the start bitmap of a chunk the caller owns and has not published.
+pub(crate) fn clear_starts(payload: usize, starts: usize, end: usize) {
+    let _ = payload;
+    for word in (starts..end).step_by(8) {
+        // SAFETY: as in `start_bit`.
+        unsafe { &*std::ptr::with_exposed_provenance::<AtomicU64>(word) }
+            .store(0, Ordering::Relaxed);
+    }
+}
+
+/// Whether `user` is where a carved block of `chunk` (of `usable` user bytes) starts: a
+/// snapshot, for classifying misused pointers.
+pub(crate) fn is_block_start(chunk: &Header, usable: usize, user: usize) -> bool {
+    let base = chunk.user() as usize;
+    let Layout { payload, starts } = layout(usable);
+    let (payload, starts) = (base + payload, base + starts);
+    if user < payload || user >= starts || (user - payload) % GRANULE != 0 {
+        return false;
+    }
+    let (word, bit) = start_bit(payload, starts, user);
+    word.load(Ordering::Relaxed) & bit != 0
+}
+
+/// Bytes a request takes in a chunk: rounded up to the alignment, at least one granule so
+/// every block is unique.
+#[inline]
+pub(crate) fn carve_size(size: usize) -> usize {
+    (size.max(1) + 15) & !15
+}
+
+/// The prologue of the chunk whose header is `chunk`.
+#[inline]
+pub(crate) fn prologue(chunk: &Header) -> &Prologue {
+    // SAFETY: a chunk's user area starts with its prologue (written by `start` before the
+    // chunk was published), 16-aligned; the memory stays mapped while the heap lives.
+    unsafe { &*(chunk.user() as *const Prologue) }
+}
+
+impl Prologue {
+    /// Prepares the prologue of a chunk the caller owns and has not published yet.
+    pub(crate) fn start(&self) {
+        self.state.store(HELD, Ordering::Relaxed);
+        self.tally.store(0, Ordering::Relaxed);
+    }
+
+    /// Carver: whether the root's freer has passed this chunk. (Acquire: pairs with the
+    /// freer's swap, so that a carver that sees `FREED` and gives the chunk back does so after
+    /// everything the freer did with it.)
+    #[inline]
+    pub(crate) fn freed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & TAG == FREED
+    }
+
+    /// Carver: publishes the tally (plain store: only the carver writes it).
+    #[inline]
+    pub(crate) fn record(&self, tally: Tally) {
+        self.tally.store(tally.pack(), Ordering::Relaxed);
+    }
+
+    /// Carver: lets go of the chunk, whose final tally is `tally`.
+    pub(crate) fn seal(&self, tally: Tally) -> CarverGets {
+        self.record(tally);
+        // AcqRel: Release publishes the tally to the freer's swap; Acquire pairs with the
+        // freer's swap when it came first, as in `freed`.
+        let state = self.state.swap(SEALED, Ordering::AcqRel);
+        if state & TAG == FREED {
+            CarverGets::GiveBack(tally.minus(Tally::unpack(state)))
+        } else {
+            CarverGets::Nothing
+        }
+    }
+
+    /// Freer of the root: marks the chunk freed and says who gives it back.
+    pub(crate) fn free(&self) -> FreerGets {
+        // What the carver had published before the free reached this chunk (the chain walk
+        // is ordered after the root's close, so every carve the link's caller saw finish is
+        // in it); carves racing this free are the carver's to count.
+        let seen = self.tally.load(Ordering::Relaxed);
+        // AcqRel: Acquire pairs with `seal`'s Release (the final tally); Release pairs with
+        // the carver's Acquire in `freed`/`seal`.
+        let state = self.state.swap(FREED | seen, Ordering::AcqRel);
+        if state & TAG == SEALED {
+            FreerGets::GiveBack(Tally::unpack(self.tally.load(Ordering::Relaxed)))
+        } else {
+            FreerGets::LeaveToCarver(Tally::unpack(seen))
+        }
+    }
+
+    /// A snapshot of the tally, for `live_roots`.
+    pub(crate) fn peek(&self) -> Tally {
+        Tally::unpack(self.tally.load(Ordering::Relaxed))
+    }
+}
