@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
 # Runs every loom model of the engine; exits non-zero if any fails.
 #   loom-tests/run.sh           the models, on the real protocol
-#   loom-tests/run.sh --fault   the models with a deliberate protocol fault; they must fail
+#   loom-tests/run.sh --fault   the models with each deliberate protocol fault; each must be caught
+#   loom-tests/run.sh --fault NAME   one fault (open_close, chunk_handoff)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 fault=""
 if [ "${1:-}" = "--fault" ]; then
-  fault="open_close"
-  echo "loom: fault injected: MAPIFreeBuffer reads the chain head and closes it with a plain store"
-  echo "      (mapialloc_fault=\"$fault\"); a link landing in between must be caught as a leak."
+  if [ -z "${2:-}" ]; then
+    # Every planted fault in turn; each must be caught.
+    for f in open_close chunk_handoff; do "$0" --fault "$f" || exit 1; done
+    exit 0
+  fi
+  fault="$2"
+  case "$fault" in
+    open_close)
+      echo "loom: fault injected: MAPIFreeBuffer reads the chain head and closes it with a plain store"
+      echo "      (mapialloc_fault=\"$fault\"); a link landing in between must be caught as a leak." ;;
+    chunk_handoff)
+      echo "loom: fault injected: a root's freer gives back every chunk, even one its carver still holds"
+      echo "      (mapialloc_fault=\"$fault\"); the chunk handed back twice must be caught." ;;
+    *) echo "loom: unknown fault $fault" >&2; exit 2 ;;
+  esac
 fi
 
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"

@@ -39,9 +39,9 @@ pub(crate) const CARVE_MAX: usize = if cfg!(loom) { 16 } else { 256 };
 
 /// Block size (header included) of a root's first chunk from one thread; each further chunk
 /// for the same root doubles, up to [`CHUNK_MAX_BLOCK`].
-pub(crate) const CHUNK_FIRST_BLOCK: usize = if cfg!(loom) { 64 } else { 512 };
+pub(crate) const CHUNK_FIRST_BLOCK: usize = if cfg!(loom) { 96 } else { 512 };
 /// Block size of the largest chunk (the largest small class).
-pub(crate) const CHUNK_MAX_BLOCK: usize = if cfg!(loom) { 64 } else { 16 << 10 };
+pub(crate) const CHUNK_MAX_BLOCK: usize = if cfg!(loom) { 96 } else { 16 << 10 };
 
 /// `state` tag: the chunk's carving thread still holds it.
 const HELD: u64 = 0;
@@ -66,33 +66,41 @@ pub(crate) struct Prologue {
 /// Bytes before a chunk's first carved block, from its user pointer.
 pub(crate) const PROLOGUE_SIZE: usize = std::mem::size_of::<Prologue>();
 
-/// Blocks carved from a chunk and their bytes.
+/// Blocks carved from a chunk and their bytes, packed as `state` holds them above its tag
+/// (blocks in bits 2..32, bytes in 32..64; a chunk is at most 16 KiB), so a carve adds one
+/// constant and the carver publishes it with one store.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Tally {
-    pub(crate) blocks: u32,
-    pub(crate) bytes: u32,
-}
+pub(crate) struct Tally(u64);
 
 impl Tally {
-    /// Packs into the bits above `state`'s tag (blocks < 2^30 and bytes < 2^32: a chunk is
-    /// at most 16 KiB).
+    /// No block.
+    pub(crate) const ZERO: Tally = Tally(0);
+
+    /// Counts one more block of `bytes`.
+    #[inline]
+    pub(crate) fn add(&mut self, bytes: usize) {
+        self.0 += (bytes as u64) << 32 | 1 << 2;
+    }
+
+    pub(crate) fn blocks(self) -> u64 {
+        (self.0 as u32 >> 2) as u64
+    }
+
+    pub(crate) fn bytes(self) -> u64 {
+        self.0 >> 32
+    }
+
     fn pack(self) -> u64 {
-        (self.bytes as u64) << 32 | (self.blocks as u64) << 2
+        self.0
     }
 
     fn unpack(word: u64) -> Tally {
-        Tally {
-            blocks: (word as u32) >> 2,
-            bytes: (word >> 32) as u32,
-        }
+        Tally(word & !TAG)
     }
 
     /// What this (later) tally has beyond `earlier`.
     pub(crate) fn minus(self, earlier: Tally) -> Tally {
-        Tally {
-            blocks: self.blocks - earlier.blocks,
-            bytes: self.bytes - earlier.bytes,
-        }
+        Tally(self.0 - earlier.0)
     }
 }
 
@@ -157,13 +165,15 @@ pub(crate) fn mark_start(payload: usize, starts: usize, block: usize) {
     word.store(word.load(Ordering::Relaxed) | bit, Ordering::Relaxed);
 }
 
-/// Clears the start bitmap of a chunk the caller owns and has not published.
-pub(crate) fn clear_starts(payload: usize, starts: usize, end: usize) {
-    let _ = payload;
+/// Clears the start bitmap (`starts..end`) of a chunk the caller owns and has not published.
+pub(crate) fn clear_starts(starts: usize, end: usize) {
     for word in (starts..end).step_by(8) {
-        // SAFETY: as in `start_bit`.
-        unsafe { &*std::ptr::with_exposed_provenance::<AtomicU64>(word) }
-            .store(0, Ordering::Relaxed);
+        // SAFETY: the bitmap lies inside the chunk's mapped memory, 8-aligned, and the chunk
+        // is ours alone until it is published. (Written as new atomics, not stored to: under
+        // loom an atomic is an object that must be created.)
+        unsafe {
+            std::ptr::with_exposed_provenance_mut::<AtomicU64>(word).write(AtomicU64::new(0))
+        };
     }
 }
 
@@ -196,10 +206,15 @@ pub(crate) fn prologue(chunk: &Header) -> &Prologue {
 }
 
 impl Prologue {
-    /// Prepares the prologue of a chunk the caller owns and has not published yet.
-    pub(crate) fn start(&self) {
-        self.state.store(HELD, Ordering::Relaxed);
-        self.tally.store(0, Ordering::Relaxed);
+    /// Writes a fresh prologue into `chunk`, which the caller owns and has not published.
+    pub(crate) fn start(chunk: &Header) {
+        let prologue = Prologue {
+            state: AtomicU64::new(HELD),
+            tally: AtomicU64::new(0),
+        };
+        // SAFETY: the chunk's user area is at least a prologue long, 16-aligned and ours.
+        // (Written, not stored to: under loom an atomic is an object that must be created.)
+        unsafe { (chunk.user() as *mut Prologue).write(prologue) };
     }
 
     /// Carver: whether the root's freer has passed this chunk. (Acquire: pairs with the
@@ -238,6 +253,10 @@ impl Prologue {
         // AcqRel: Acquire pairs with `seal`'s Release (the final tally); Release pairs with
         // the carver's Acquire in `freed`/`seal`.
         let state = self.state.swap(FREED | seen, Ordering::AcqRel);
+        // Deliberate fault for `loom-tests/run.sh --fault chunk_handoff`: ignore the carver's
+        // hold, so a held chunk is given back twice.
+        #[cfg(mapialloc_fault = "chunk_handoff")]
+        let state = SEALED;
         if state & TAG == SEALED {
             FreerGets::GiveBack(Tally::unpack(self.tally.load(Ordering::Relaxed)))
         } else {

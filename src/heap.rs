@@ -14,35 +14,41 @@ use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-/// A thread's caches, one per heap it has used, and the one it used last.
+/// A thread's caches, one per heap it has used.
 ///
 /// Calls never re-enter: engine code never calls back into a `Heap`, so at most one
-/// `&mut ThreadCache` exists at a time, whether taken through `last` or through `list`.
+/// `&mut ThreadCache` exists at a time, whether taken through `LAST` or through `list`.
 struct Caches {
-    /// The heap used last and its cache (in `list`): the fast path is one compare.
-    last: Cell<Option<(*const Shared, NonNull<ThreadCache>)>>,
-    /// Boxed so that `last` stays valid while the list grows.
+    /// Boxed so that `LAST` stays valid while the list grows.
     #[allow(clippy::vec_box)]
     list: RefCell<Vec<Box<ThreadCache>>>,
 }
 
-impl Caches {
-    const fn new() -> Caches {
-        Caches {
-            last: Cell::new(None),
-            list: RefCell::new(Vec::new()),
-        }
+impl Drop for Caches {
+    fn drop(&mut self) {
+        // The caches are about to go: calls from later thread-local destructors must not
+        // find them through `LAST`.
+        let _ = LAST.try_with(|last| last.set(NO_CACHE));
     }
 }
 
+/// The heap a thread used last and its cache (in `CACHES`): the fast path is one compare.
+/// Kept apart from `CACHES` because a constant thread-local without a destructor is read
+/// with no registration check.
+type LastCache = (*const Shared, *mut ThreadCache);
+
+const NO_CACHE: LastCache = (std::ptr::null(), std::ptr::null_mut());
+
 #[cfg(not(loom))]
 thread_local! {
-    static CACHES: Caches = const { Caches::new() };
+    static CACHES: Caches = const { Caches { list: RefCell::new(Vec::new()) } };
+    static LAST: Cell<LastCache> = const { Cell::new(NO_CACHE) };
 }
 
 #[cfg(loom)]
 thread_local! {
-    static CACHES: Caches = Caches::new();
+    static CACHES: Caches = Caches { list: RefCell::new(Vec::new()) };
+    static LAST: Cell<LastCache> = Cell::new(NO_CACHE);
 }
 
 /// An isolated MAPI allocator: its own pages, epoch collector and counters.
@@ -102,17 +108,33 @@ impl Heap {
         }
     }
 
+    /// The state this heap's threads share.
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// Runs `f` on this thread's cache for this heap.
     #[inline(always)]
     fn with_cache<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> R {
+        if let Ok((shared, cache)) = LAST.try_with(Cell::get) {
+            if shared == Arc::as_ptr(&self.shared) {
+                // SAFETY: `LAST` names a cache boxed in this thread's `CACHES` list (cleared
+                // before the list goes), which only this thread touches, and calls do not
+                // re-enter (see `Caches`), so this is the only reference to it.
+                return f(unsafe { &mut *cache });
+            }
+        }
+        self.with_cache_slow(f)
+    }
+
+    /// `with_cache` when this heap is not the one used last.
+    #[cold]
+    #[inline(never)]
+    fn with_cache_slow<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> R {
         let mut f = Some(f);
         let run = |caches: &Caches| {
-            let cache = match caches.last.get() {
-                Some((shared, cache)) if shared == Arc::as_ptr(&self.shared) => cache,
-                _ => self.find_cache(caches),
-            };
-            // SAFETY: the cache is boxed in this thread's list, which only this thread touches,
-            // and calls do not re-enter (see `Caches`), so this is the only reference to it.
+            let cache = self.find_cache(caches);
+            // SAFETY: as in `with_cache`.
             (f.take().expect("called once"))(unsafe { &mut *cache.as_ptr() })
         };
         match CACHES.try_with(run) {
@@ -122,8 +144,7 @@ impl Heap {
         }
     }
 
-    /// The calling thread's cache for this heap, made on first use; it becomes `last`.
-    #[cold]
+    /// The calling thread's cache for this heap, made on first use; it becomes `LAST`.
     fn find_cache(&self, caches: &Caches) -> NonNull<ThreadCache> {
         let mut list = caches.list.borrow_mut();
         let index = match list
@@ -139,7 +160,7 @@ impl Heap {
             }
         };
         let cache = NonNull::from(&mut *list[index]);
-        caches.last.set(Some((Arc::as_ptr(&self.shared), cache)));
+        LAST.with(|last| last.set((Arc::as_ptr(&self.shared), cache.as_ptr())));
         cache
     }
 
@@ -216,7 +237,7 @@ impl Heap {
     /// pages (empty ones to the pool, the others abandoned for another thread to adopt).
     pub fn release_thread_cache(&self) {
         let _ = CACHES.try_with(|caches| {
-            caches.last.set(None);
+            LAST.with(|last| last.set(NO_CACHE));
             let released: Vec<Box<ThreadCache>> = {
                 let mut list = caches.list.borrow_mut();
                 let (mine, others) = std::mem::take(&mut *list)

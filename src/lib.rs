@@ -81,4 +81,10 @@ pub mod testing {
     pub fn fail_nth_mapping(n: usize) {
         crate::segment::fail_nth_mapping(n);
     }
+
+    /// Chunks of carved linked blocks that `heap` has linked to roots and not yet given back
+    /// (exact when no call is in flight; wraps below zero if one was given back twice).
+    pub fn live_chunks(heap: &crate::Heap) -> u64 {
+        heap.shared().stats.live_chunks()
+    }
 }

@@ -48,8 +48,9 @@ mod table {
 
     pub(crate) const NUM_CLASSES: usize = 2;
 
+    /// 16 and 80 user bytes: the second class is a chunk with room for three carved blocks.
     pub(crate) const fn block_size(class: usize) -> usize {
-        HEADER_SIZE + ALIGN * (1 + 2 * class)
+        HEADER_SIZE + ALIGN * (1 + 4 * class)
     }
 
     pub(crate) const fn class_of_block(block: usize) -> usize {

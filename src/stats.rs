@@ -52,9 +52,12 @@ pub(crate) enum Counter {
     ForeignFrees,
     BadParents,
     Corruptions,
+    /// Chunks linked to a root, and chunks given back (internal: for `testing::live_chunks`).
+    ChunksTaken,
+    ChunksReturned,
 }
 
-const COUNTERS: usize = Counter::Corruptions as usize + 1;
+const COUNTERS: usize = Counter::ChunksReturned as usize + 1;
 
 /// One thread's counters.
 pub(crate) struct StatsSlot {
@@ -134,6 +137,16 @@ impl StatsSlots {
     pub(crate) fn release(&self, slot: &StatsSlot) {
         // Release: pairs with the Acquire CAS in `claim`.
         slot.in_use.store(false, Ordering::Release);
+    }
+
+    /// Chunks linked to roots and not yet given back.
+    pub(crate) fn live_chunks(&self) -> u64 {
+        let sum = |c: Counter| {
+            self.iter().fold(0u64, |n, slot| {
+                n.wrapping_add(slot.counts[c as usize].load(Ordering::Relaxed))
+            })
+        };
+        sum(Counter::ChunksTaken).wrapping_sub(sum(Counter::ChunksReturned))
     }
 
     /// Sums the slots. `committed` comes from the OS layer.

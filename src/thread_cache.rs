@@ -146,7 +146,7 @@ impl Shared {
                 let (linked_blocks, linked_bytes) = header.peek_chain(PEEK_LIMIT, |block| {
                     if block.meta().is_chunk() {
                         let tally = chunk::prologue(block).peek();
-                        (tally.blocks as usize, tally.bytes as usize)
+                        (tally.blocks() as usize, tally.bytes() as usize)
                     } else {
                         (1, size_of(block))
                     }
@@ -229,10 +229,7 @@ impl Carver {
         payload: 0,
         top: 0,
         end: 0,
-        tally: Tally {
-            blocks: 0,
-            bytes: 0,
-        },
+        tally: Tally::ZERO,
         next_block: CHUNK_FIRST_BLOCK,
     };
 }
@@ -310,8 +307,7 @@ impl ThreadCache {
                     let block = carver.top;
                     chunk::mark_start(carver.payload, carver.end, block);
                     carver.top += need;
-                    carver.tally.blocks += 1;
-                    carver.tally.bytes += need as u32;
+                    carver.tally.add(need);
                     prologue.record(carver.tally);
                     self.count(Counter::BlocksAllocated, 1);
                     self.count(Counter::BytesAllocated, need as u64);
@@ -383,22 +379,21 @@ impl ThreadCache {
         self.release_carver(guard);
         let (chunk, class, usable) = self.alloc_block(block_size - HEADER_SIZE)?;
         chunk.start_chunk(class);
+        chunk::Prologue::start(chunk);
         let prologue = chunk::prologue(chunk);
-        prologue.start();
         let base = chunk.user() as usize;
         let layout = chunk::layout(usable);
         let (payload, end) = (base + layout.payload, base + layout.starts);
-        chunk::clear_starts(payload, end, base + usable);
+        chunk::clear_starts(end, base + usable);
         chunk::mark_start(payload, end, payload);
         if root.link(chunk).is_err() {
             chunk.finish(class);
             self.give_back_one(chunk, class, guard);
             return Err(self.bad_parent());
         }
-        let tally = Tally {
-            blocks: 1,
-            bytes: need as u32,
-        };
+        self.count(Counter::ChunksTaken, 1);
+        let mut tally = Tally::ZERO;
+        tally.add(need);
         prologue.record(tally);
         self.carver = Carver {
             root: parent,
@@ -434,8 +429,9 @@ impl ThreadCache {
         let class = chunk.meta().class();
         chunk.finish(class);
         self.give_back_one(chunk, class, guard);
-        self.count(Counter::BlocksFreed, tally.blocks as u64);
-        self.count(Counter::BytesFreed, tally.bytes as u64);
+        self.count(Counter::ChunksReturned, 1);
+        self.count(Counter::BlocksFreed, tally.blocks());
+        self.count(Counter::BytesFreed, tally.bytes());
     }
 
     /// Gives one owned, finished block back outside a chain walk.
@@ -623,16 +619,17 @@ impl ThreadCache {
                     match chunk::prologue(linked).free() {
                         FreerGets::GiveBack(tally) => tally,
                         FreerGets::LeaveToCarver(tally) => {
-                            blocks += tally.blocks as u64;
-                            bytes += tally.bytes as usize;
+                            blocks += tally.blocks();
+                            bytes += tally.bytes() as usize;
                             continue;
                         }
                     }
                 };
                 linked.finish(class);
                 self.give_back(linked, class, self.home_of(linked), &mut batch, &mut guard);
-                blocks += tally.blocks as u64;
-                bytes += tally.bytes as usize;
+                self.count(Counter::ChunksReturned, 1);
+                blocks += tally.blocks();
+                bytes += tally.bytes() as usize;
                 continue;
             }
             linked.finish(class);

@@ -2,8 +2,9 @@
 //! which shrinks it to 2 size classes, pages of at most 4 blocks and 2 pages a segment, and
 //! makes its OS "mappings" loom-tracked allocations so lost blocks show up as leaks).
 //!
-//! Run them with `loom-tests/run.sh`. Requests past the second class (32 user bytes here) get a
+//! Run them with `loom-tests/run.sh`. Requests past the second class (80 user bytes here) get a
 //! large span each: a model uses them where it wants loom's leak check on single blocks.
+//! Links of at most 16 bytes are carved from chunks (one chunk holds three).
 #![cfg(loom)]
 
 use loom::thread;
@@ -47,6 +48,11 @@ fn finish(heap: Arc<Heap>) {
     assert_eq!(stats.live_roots, 0, "live roots at the end: {stats:?}");
     heap.collect();
     heap.release_thread_cache();
+    assert_eq!(
+        mapialloc::testing::live_chunks(&heap),
+        0,
+        "a chunk was lost or given back twice"
+    );
     drop(Arc::try_unwrap(heap).expect("every thread is done with the heap"));
 }
 
@@ -256,6 +262,77 @@ fn span_released_while_a_stale_pointer_is_validated() {
             .filter(|o| **o == FreeOutcome::Freed)
             .count();
         assert_eq!(freed, 1, "{mine:?} {theirs:?}");
+        finish(heap);
+    });
+}
+
+/// Model 8: a thread carves linked blocks from its chunk of a root while another thread frees
+/// that root: each carve either lands in the chunk before the free passes it (and is freed
+/// with the chain) or fails; the chunk goes back exactly once, by the freer or the carver.
+#[test]
+fn carving_races_the_free_of_its_root() {
+    model(|| {
+        let heap = Arc::new(Heap::new());
+        let r = root(&heap, SMALL);
+        let carver = {
+            let heap = heap.clone();
+            thread::spawn(move || {
+                let results = [link(&heap, SMALL, r), link(&heap, SMALL, r)];
+                heap.release_thread_cache(); // lets go of the chunk
+                results
+            })
+        };
+        assert_eq!(free(&heap, r), FreeOutcome::Freed);
+        let results = carver.join().unwrap();
+        if let [Ok(a), Ok(b)] = results {
+            assert_ne!(a, b, "one block carved twice");
+        }
+        let failed = results.iter().filter(|r| r.is_err()).count() as u64;
+        assert_eq!(heap.stats().bad_parents, failed);
+        finish(heap);
+    });
+}
+
+/// Model 9: a root is freed while its carver still holds a chunk of it, and the same address
+/// comes back as a new root that the carver links to: the carver must see that its chunk's
+/// root was freed (not carve into the old chain) and give the old chunk back.
+#[test]
+fn carver_links_to_a_reused_root_address() {
+    model(|| {
+        let heap = Arc::new(Heap::new());
+        let r = root(&heap, SMALL);
+        let (to_carver, carver_inbox) = loom::sync::mpsc::channel();
+        let (to_main, main_inbox) = loom::sync::mpsc::channel();
+        let carver = {
+            let heap = heap.clone();
+            thread::spawn(move || {
+                link(&heap, SMALL, r).unwrap();
+                to_main.send(()).unwrap();
+                let again: usize = carver_inbox.recv().unwrap();
+                let block = link(&heap, SMALL, again).unwrap();
+                heap.release_thread_cache();
+                block
+            })
+        };
+        main_inbox.recv().unwrap();
+        assert_eq!(free(&heap, r), FreeOutcome::Freed);
+        // Allocate until the page hands out `r`'s address again (it has at most 4 blocks).
+        let mut others = Vec::new();
+        let again = loop {
+            let a = root(&heap, SMALL);
+            if a == r {
+                break a;
+            }
+            others.push(a);
+            assert!(others.len() < 4, "the address never came back");
+        };
+        to_carver.send(again).unwrap();
+        carver.join().unwrap();
+        assert_eq!(heap.stats().live_blocks, 2 + others.len() as u64);
+        assert_eq!(free(&heap, again), FreeOutcome::Freed);
+        for a in others {
+            assert_eq!(free(&heap, a), FreeOutcome::Freed);
+        }
         finish(heap);
     });
 }
