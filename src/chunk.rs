@@ -37,9 +37,10 @@ use crate::sync::{AtomicU64, Ordering};
 /// The largest request carved from a chunk; larger linked blocks are blocks of their own.
 pub(crate) const CARVE_MAX: usize = if cfg!(loom) { 16 } else { 256 };
 
-/// Block size (header included) of a root's first chunk from one thread; each further chunk
-/// for the same root doubles, up to [`CHUNK_MAX_BLOCK`].
-pub(crate) const CHUNK_FIRST_BLOCK: usize = if cfg!(loom) { 96 } else { 512 };
+/// Block size (header included) of the smallest chunk. A root's first chunk from a thread is
+/// sized to what that thread's roots typically take; each further chunk for the same root
+/// doubles, up to [`CHUNK_MAX_BLOCK`].
+pub(crate) const CHUNK_FIRST_BLOCK: usize = if cfg!(loom) { 96 } else { 256 };
 /// Block size of the largest chunk (the largest small class).
 pub(crate) const CHUNK_MAX_BLOCK: usize = if cfg!(loom) { 96 } else { 16 << 10 };
 

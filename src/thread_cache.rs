@@ -28,7 +28,7 @@ use crate::page::{link_blocks, Page};
 use crate::reclaim::Reclaim;
 use crate::scode::Scode;
 use crate::segment::{LargeSpan, Region, Registry, SmallSegment};
-use crate::size_class::{class_of, usable_size, ALIGN, NUM_CLASSES};
+use crate::size_class::{block_size, class_of, usable_size, ALIGN, NUM_CLASSES};
 use crate::stats::{Counter, StatsSlot, StatsSlots};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
 use crossbeam_epoch::{Collector, Guard, LocalHandle};
@@ -218,6 +218,8 @@ struct Carver {
     top: usize,
     end: usize,
     tally: Tally,
+    /// Bytes carved for `root` from chunks before this one.
+    earlier_bytes: usize,
     /// Block size of the next chunk for the same root (chunks grow with the chain).
     next_block: usize,
 }
@@ -230,8 +232,26 @@ impl Carver {
         top: 0,
         end: 0,
         tally: Tally::ZERO,
+        earlier_bytes: 0,
         next_block: CHUNK_FIRST_BLOCK,
     };
+}
+
+/// Bytes a chunk of `block_size` (header included) holds for carved blocks.
+fn payload_of(block_size: usize) -> usize {
+    chunk::layout(block_size - HEADER_SIZE).starts - PROLOGUE_SIZE
+}
+
+/// Block size of a root's first chunk for a thread whose roots take `typical` carved bytes:
+/// the size class that holds a little more than that (classes, not powers of two, so the
+/// slack stays small), between the smallest chunk and 4 KiB.
+fn first_chunk_block(typical: usize) -> usize {
+    // The prologue and the start bitmap (at most 64 bytes up to 4 KiB) come on top.
+    let want = typical + typical / 8 + PROLOGUE_SIZE + 64;
+    match class_of(want) {
+        Some(class) => (block_size(class)).clamp(CHUNK_FIRST_BLOCK, CHUNK_MAX_BLOCK.min(4 << 10)),
+        None => CHUNK_MAX_BLOCK.min(4 << 10),
+    }
 }
 
 /// One thread's cache for one heap.
@@ -242,6 +262,8 @@ pub(crate) struct ThreadCache {
     stats: NonNull<StatsSlot>,
     /// The chunk this thread carves small linked blocks from (see `chunk`).
     carver: Carver,
+    /// Carved bytes a root took from this thread, on average (recent roots weigh most).
+    typical_root_bytes: usize,
     /// Hardened builds: freed blocks waiting for a grace period before reuse.
     #[cfg(feature = "hardened")]
     quarantine: Vec<(&'static Page, *const Header)>,
@@ -258,6 +280,7 @@ impl ThreadCache {
             pages: std::array::from_fn(|_| Vec::new()),
             stats: NonNull::from(shared.stats.claim()),
             carver: Carver::EMPTY,
+            typical_root_bytes: 0,
             #[cfg(feature = "hardened")]
             quarantine: Vec::with_capacity(QUARANTINE_BATCH),
             handle: shared.collector.register(),
@@ -367,13 +390,19 @@ impl ThreadCache {
         guard: &mut Option<Guard>,
     ) -> Result<NonNull<u8>, Scode> {
         let need = carve_size(size);
-        // Chunks grow while one thread keeps linking to one root, so long chains take few.
-        let mut block_size = if parent == self.carver.root {
-            self.carver.next_block
+        // Chunks grow while one thread keeps linking to one root, so long chains take few;
+        // a root's first chunk fits what this thread's roots typically take, so a property
+        // set takes one chunk once the thread has built a few.
+        let carved_for_root = self.carver.earlier_bytes + self.carver.tally.bytes() as usize;
+        let (mut block_size, earlier_bytes) = if parent == self.carver.root {
+            (self.carver.next_block, carved_for_root)
         } else {
-            CHUNK_FIRST_BLOCK
+            if self.carver.root != 0 {
+                self.learn_root_bytes(carved_for_root);
+            }
+            (first_chunk_block(self.typical_root_bytes), 0)
         };
-        while chunk::layout(block_size - HEADER_SIZE).starts - PROLOGUE_SIZE < need {
+        while payload_of(block_size) < need {
             block_size *= 2;
         }
         self.release_carver(guard);
@@ -402,12 +431,18 @@ impl ThreadCache {
             top: payload + need,
             end,
             tally,
+            earlier_bytes,
             next_block: (block_size * 2).min(CHUNK_MAX_BLOCK),
         };
         self.count(Counter::BlocksAllocated, 1);
         self.count(Counter::BytesAllocated, need as u64);
         // SAFETY: inside a mapped chunk, so not null.
         Ok(unsafe { NonNull::new_unchecked(ptr::with_exposed_provenance_mut(payload)) })
+    }
+
+    /// Folds the carved bytes of a root this thread is done with into its typical size.
+    fn learn_root_bytes(&mut self, bytes: usize) {
+        self.typical_root_bytes = (self.typical_root_bytes * 3 + bytes) / 4;
     }
 
     /// Lets go of the chunk we carve from: seals it, or gives it back if its root's freer has
@@ -614,7 +649,9 @@ impl ThreadCache {
             if meta.is_chunk() {
                 let tally = if ptr::eq(linked, self.carver.chunk) {
                     // Ours: nobody else touches its state.
-                    std::mem::replace(&mut self.carver, Carver::EMPTY).tally
+                    let carver = std::mem::replace(&mut self.carver, Carver::EMPTY);
+                    self.learn_root_bytes(carver.earlier_bytes + carver.tally.bytes() as usize);
+                    carver.tally
                 } else {
                     match chunk::prologue(linked).free() {
                         FreerGets::GiveBack(tally) => tally,
