@@ -50,7 +50,7 @@ cargo_tsan=(cargo "+$toolchain" test -Zbuild-std --target "$target" --no-default
     --target-dir target/tsan)
 echo "tsan: $(rustup run "$toolchain" rustc --version), RUSTFLAGS=$RUSTFLAGS"
 
-"${cargo_tsan[@]}" --test all -- threads::
+"${cargo_tsan[@]}" --test all -- threads:: chunks::
 "${cargo_tsan[@]}" --test miri_subset -- two_threads thread_freed remote_frees
 "${cargo_tsan[@]}" --test soak -- --nocapture
 echo "tsan: clean"

@@ -7,11 +7,14 @@
 //! live block go back to the pool and the rest are abandoned: remote frees keep landing on
 //! them, and the next thread that refills (or collects) adopts them.
 //!
-//! Locked instructions per call on the paths that matter (see `chain` and `page`):
+//! Locked instructions per call on the paths that matter (see `chain`, `chunk` and `page`):
 //! * allocate_buffer from the current page: 0.
-//! * allocate_more: 1 (the link CAS).
-//! * free_buffer of a root: 2 (win CAS, close swap), plus 1 CAS per run of consecutive remote
-//!   blocks of one page in the chain. Emptying a page adds an epoch pin.
+//! * allocate_more of at most `CARVE_MAX` bytes, carved from the chunk this thread holds for
+//!   that root: 0 (and no pin). Starting a chunk: 1 CAS to link it, 1 swap to seal the last.
+//! * allocate_more of a larger block: 1 (the link CAS).
+//! * free_buffer of a root: 1 (the win-and-close CAS), plus 1 swap per chunk another thread
+//!   carved, plus 1 CAS per run of consecutive remote blocks of one page in the chain.
+//!   Emptying a page adds an epoch pin.
 //!
 //! Epoch pins, at most one per call: a call on a root in a page this cache owns (the lone
 //! root, a provider building its own property set) pins nothing, since no other thread can

@@ -9,11 +9,14 @@
 //! - [`memory`]: freeing everything gives the memory back to the OS.
 //! - [`root`]: the RAII wrapper [`mapialloc::Root`].
 //! - [`live`]: [`mapialloc::Heap::live_roots`], the leak report's snapshot.
+//! - [`chunks`]: small linked blocks carved from per-root chunks: their SPEC rows, growth,
+//!   roots linked in turn, frees on another thread, and a carver racing its root's free.
 //!
 //! Every test makes its own `Heap::new()`: the tests run in parallel in this one process, and
 //! a fresh heap keeps each test's counters (and committed bytes) its own. Tests assert
 //! behaviour, never timing; under Miri they run fewer iterations (see [`support::scaled`]).
 
+mod chunks;
 mod layout;
 mod live;
 mod memory;
