@@ -240,6 +240,9 @@ impl Carver {
     };
 }
 
+/// Roots a thread keeps a chunk for at once.
+const CARVERS: usize = if cfg!(loom) { 2 } else { 4 };
+
 /// Bytes a chunk of `block_size` (header included) holds for carved blocks.
 fn payload_of(block_size: usize) -> usize {
     chunk::layout(block_size - HEADER_SIZE).starts - PROLOGUE_SIZE
@@ -263,8 +266,10 @@ pub(crate) struct ThreadCache {
     current: [Option<NonNull<Page>>; NUM_CLASSES],
     pages: [Vec<NonNull<Page>>; NUM_CLASSES],
     stats: NonNull<StatsSlot>,
-    /// The chunk this thread carves small linked blocks from (see `chunk`).
-    carver: Carver,
+    /// The chunks this thread carves small linked blocks from (see `chunk`), one per root it
+    /// linked to lately, most recent first: a provider filling two property sets in turn
+    /// keeps a chunk for each.
+    carvers: [Carver; CARVERS],
     /// Carved bytes a root took from this thread, on average (recent roots weigh most).
     typical_root_bytes: usize,
     /// Hardened builds: freed blocks waiting for a grace period before reuse.
@@ -282,7 +287,7 @@ impl ThreadCache {
             current: [None; NUM_CLASSES],
             pages: std::array::from_fn(|_| Vec::new()),
             stats: NonNull::from(shared.stats.claim()),
-            carver: Carver::EMPTY,
+            carvers: [Carver::EMPTY; CARVERS],
             typical_root_bytes: 0,
             #[cfg(feature = "hardened")]
             quarantine: Vec::with_capacity(QUARANTINE_BATCH),
@@ -321,30 +326,38 @@ impl ThreadCache {
         size: usize,
         parent: *mut u8,
     ) -> Result<NonNull<u8>, Scode> {
-        // The fast path: the chunk we carve from belongs to `parent`, has room, and the root's
-        // freer has not passed it (see `chunk` for why that makes the carve safe).
-        let carver = &mut self.carver;
-        if parent as usize == carver.root && size <= CARVE_MAX {
-            let need = carve_size(size);
-            if carver.end - carver.top >= need {
-                // SAFETY: `chunk` is set whenever `root` is.
-                let prologue = chunk::prologue(unsafe { &*carver.chunk });
-                if !prologue.freed() {
-                    let block = carver.top;
-                    chunk::mark_start(carver.payload, carver.end, block);
-                    carver.top += need;
-                    carver.tally.add(need);
-                    prologue.record(carver.tally);
-                    self.count(Counter::BlocksAllocated, 1);
-                    self.count(Counter::BytesAllocated, need as u64);
-                    // SAFETY: a carved block lies inside a mapped chunk, so it is not null.
-                    return Ok(unsafe {
-                        NonNull::new_unchecked(ptr::with_exposed_provenance_mut(block))
-                    });
-                }
-            }
+        match self.carve(size, parent as usize) {
+            Some(block) => Ok(block),
+            None => self.allocate_more_slow(size, parent),
         }
-        self.allocate_more_slow(size, parent)
+    }
+
+    /// The fast path of `allocate_more`: the most recent chunk belongs to `parent`, has room,
+    /// and the root's freer has not passed it (see `chunk` for why that makes the carve safe).
+    #[inline(always)]
+    fn carve(&mut self, size: usize, parent: usize) -> Option<NonNull<u8>> {
+        let carver = &mut self.carvers[0];
+        if parent != carver.root || size > CARVE_MAX {
+            return None;
+        }
+        let need = carve_size(size);
+        if carver.end - carver.top < need {
+            return None;
+        }
+        // SAFETY: `chunk` is set whenever `root` is, and a held chunk is live.
+        let prologue = chunk::prologue(unsafe { &*carver.chunk });
+        if prologue.freed() {
+            return None;
+        }
+        let block = carver.top;
+        chunk::mark_start(carver.payload, carver.end, block);
+        carver.top += need;
+        carver.tally.add(need);
+        prologue.record(carver.tally);
+        self.count(Counter::BlocksAllocated, 1);
+        self.count(Counter::BytesAllocated, need as u64);
+        // SAFETY: a carved block lies inside a mapped chunk, so it is not null.
+        Some(unsafe { NonNull::new_unchecked(ptr::with_exposed_provenance_mut(block)) })
     }
 
     /// `allocate_more` when the carver cannot serve it: validates the parent, then carves from
@@ -352,12 +365,20 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn allocate_more_slow(&mut self, size: usize, parent: *mut u8) -> Result<NonNull<u8>, Scode> {
+        // A chunk of an older slot: bring it to the front and carve there.
+        if let Some(slot) = (1..CARVERS).find(|&i| self.carvers[i].root == parent as usize) {
+            self.carvers[..=slot].rotate_right(1);
+            if let Some(block) = self.carve(size, parent as usize) {
+                return Ok(block);
+            }
+        }
         let mut guard = None;
         let root = match self.locate(parent as usize, &mut guard) {
             Some((header, meta, _)) if meta.kind() == Some(Kind::Root) => header,
             _ => {
-                if parent as usize == self.carver.root {
-                    self.release_carver(&mut guard);
+                if parent as usize == self.carvers[0].root {
+                    let carver = std::mem::replace(&mut self.carvers[0], Carver::EMPTY);
+                    self.release(carver, &mut guard);
                 }
                 return Err(self.bad_parent());
             }
@@ -395,20 +416,31 @@ impl ThreadCache {
         let need = carve_size(size);
         // Chunks grow while one thread keeps linking to one root, so long chains take few;
         // a root's first chunk fits what this thread's roots typically take, so a property
-        // set takes one chunk once the thread has built a few.
-        let carved_for_root = self.carver.earlier_bytes + self.carver.tally.bytes() as usize;
-        let (mut block_size, earlier_bytes) = if parent == self.carver.root {
-            (self.carver.next_block, carved_for_root)
+        // set takes one chunk once the thread has built a few. After the rotation in
+        // `allocate_more_slow`, a chunk of `parent` can only be in the front slot (full, or
+        // its root freed and the address handed out again).
+        let front = &self.carvers[0];
+        let (mut block_size, earlier_bytes) = if parent == front.root {
+            let grown = (
+                front.next_block,
+                front.earlier_bytes + front.tally.bytes() as usize,
+            );
+            let full = std::mem::replace(&mut self.carvers[0], Carver::EMPTY);
+            self.release(full, guard);
+            grown
         } else {
-            if self.carver.root != 0 {
-                self.learn_root_bytes(carved_for_root);
+            // A new root: the oldest slot makes room.
+            let oldest = std::mem::replace(&mut self.carvers[CARVERS - 1], Carver::EMPTY);
+            if oldest.root != 0 {
+                self.learn_root_bytes(oldest.earlier_bytes + oldest.tally.bytes() as usize);
             }
+            self.release(oldest, guard);
+            self.carvers.rotate_right(1);
             (first_chunk_block(self.typical_root_bytes), 0)
         };
         while payload_of(block_size) < need {
             block_size *= 2;
         }
-        self.release_carver(guard);
         let (chunk, class, usable) = self.alloc_block(block_size - HEADER_SIZE)?;
         chunk.start_chunk(class);
         chunk::Prologue::start(chunk);
@@ -427,7 +459,7 @@ impl ThreadCache {
         let mut tally = Tally::ZERO;
         tally.add(need);
         prologue.record(tally);
-        self.carver = Carver {
+        self.carvers[0] = Carver {
             root: parent,
             chunk,
             payload,
@@ -448,14 +480,21 @@ impl ThreadCache {
         self.typical_root_bytes = (self.typical_root_bytes * 3 + bytes) / 4;
     }
 
-    /// Lets go of the chunk we carve from: seals it, or gives it back if its root's freer has
-    /// already passed it.
-    fn release_carver(&mut self, guard: &mut Option<Guard>) {
-        let carver = std::mem::replace(&mut self.carver, Carver::EMPTY);
+    /// Lets go of every chunk this thread carves from.
+    fn release_carvers(&mut self, guard: &mut Option<Guard>) {
+        for slot in 0..CARVERS {
+            let carver = std::mem::replace(&mut self.carvers[slot], Carver::EMPTY);
+            self.release(carver, guard);
+        }
+    }
+
+    /// Lets go of a chunk taken out of its slot: seals it, or gives it back if its root's
+    /// freer has already passed it.
+    fn release(&mut self, carver: Carver, guard: &mut Option<Guard>) {
         if carver.chunk.is_null() {
             return;
         }
-        // SAFETY: the chunk is held by us, so it is live.
+        // SAFETY: the chunk was held by us, so it is live.
         let chunk = unsafe { &*carver.chunk };
         if let CarverGets::GiveBack(tally) = chunk::prologue(chunk).seal(carver.tally) {
             self.give_back_chunk(chunk, tally, guard);
@@ -650,9 +689,10 @@ impl ThreadCache {
             let meta = linked.meta();
             let class = meta.class();
             if meta.is_chunk() {
-                let tally = if ptr::eq(linked, self.carver.chunk) {
+                let held = self.carvers.iter().position(|c| ptr::eq(linked, c.chunk));
+                let tally = if let Some(slot) = held {
                     // Ours: nobody else touches its state.
-                    let carver = std::mem::replace(&mut self.carver, Carver::EMPTY);
+                    let carver = std::mem::replace(&mut self.carvers[slot], Carver::EMPTY);
                     self.learn_root_bytes(carver.earlier_bytes + carver.tally.bytes() as usize);
                     carver.tally
                 } else {
@@ -959,7 +999,7 @@ impl ThreadCache {
     /// Adopts every abandoned page, sweeps our pages (pooling the empty ones) and lets the
     /// epoch advance so deferred returns run.
     pub(crate) fn collect(&mut self) {
-        self.release_carver(&mut None);
+        self.release_carvers(&mut None);
         #[cfg(feature = "hardened")]
         {
             // Quarantined blocks first, so that the sweep below finds their pages empty.
@@ -1009,7 +1049,7 @@ impl ThreadCache {
 
     /// Thread exit: empty pages go to the pool, the others are abandoned for adoption.
     fn abandon_all(&mut self) {
-        self.release_carver(&mut None);
+        self.release_carvers(&mut None);
         #[cfg(feature = "hardened")]
         self.flush_quarantine(&mut None);
         let guard = self.handle.pin();

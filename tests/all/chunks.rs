@@ -26,6 +26,9 @@ use std::thread;
 /// Whether small linked blocks are carved from chunks: not on a hardened heap.
 const CARVING: bool = !cfg!(feature = "hardened");
 
+/// Chunks a thread holds at most: one for each of the last 4 roots it carved for.
+const HELD_CHUNKS: u64 = if CARVING { 4 } else { 0 };
+
 /// Linked sizes carved from a chunk (the largest is `CARVE_MAX`), then sizes that make blocks
 /// of their own.
 const CARVED: [usize; 6] = [0, 1, 16, 24, 255, 256];
@@ -326,8 +329,8 @@ fn chains_carved_on_one_thread_freed_on_another() {
             assert_eq!(Counts::of(heap), base);
             assert_eq!(
                 live_chunks(heap),
-                u64::from(CARVING),
-                "every chunk but the one this thread still carves from is back"
+                HELD_CHUNKS,
+                "every chunk but the ones this thread still carves from is back"
             );
             heap.release_thread_cache();
             assert_eq!(live_chunks(heap), 0);
@@ -542,10 +545,10 @@ fn carver_racing_the_free_of_its_root() {
                 // go of its chunk when refused, unless that call was for a block of its own.)
                 let chunks = live_chunks(heap);
                 if !racing(round) && carved {
-                    assert_eq!(chunks, u64::from(CARVING), "round {round}: R's chunk");
+                    let held = u64::from(CARVING)..=HELD_CHUNKS;
+                    assert!(held.contains(&chunks), "round {round}: R's chunk: {chunks}");
                 } else {
-                    let most = u64::from(CARVING);
-                    assert!(chunks <= most, "round {round}: {chunks} chunks live");
+                    assert!(chunks <= HELD_CHUNKS, "round {round}: {chunks} chunks live");
                 }
                 assert_ranges_disjoint(ranges.into_iter().chain(raced.ok).collect());
             }
