@@ -105,6 +105,7 @@ impl Meta {
     }
 
     /// The kind, or `None` when the magic is wrong (not a header of ours).
+    #[inline]
     pub(crate) fn kind(self) -> Option<Kind> {
         if self.0 >> 32 != MAGIC {
             return None;
@@ -117,6 +118,7 @@ impl Meta {
         }
     }
 
+    #[inline]
     pub(crate) fn class(self) -> u8 {
         (self.0 >> 8) as u8
     }

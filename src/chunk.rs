@@ -83,23 +83,28 @@ impl Tally {
         self.0 += (bytes as u64) << 32 | 1 << 2;
     }
 
+    #[inline]
     pub(crate) fn blocks(self) -> u64 {
         (self.0 as u32 >> 2) as u64
     }
 
+    #[inline]
     pub(crate) fn bytes(self) -> u64 {
         self.0 >> 32
     }
 
+    #[inline]
     fn pack(self) -> u64 {
         self.0
     }
 
+    #[inline]
     fn unpack(word: u64) -> Tally {
         Tally(word & !TAG)
     }
 
     /// What this (later) tally has beyond `earlier`.
+    #[inline]
     pub(crate) fn minus(self, earlier: Tally) -> Tally {
         Tally(self.0 - earlier.0)
     }
@@ -246,6 +251,7 @@ impl Prologue {
     }
 
     /// Freer of the root: marks the chunk freed and says who gives it back.
+    #[inline]
     pub(crate) fn free(&self) -> FreerGets {
         // What the carver had published before the free reached this chunk (the chain walk
         // is ordered after the root's close, so every carve the link's caller saw finish is

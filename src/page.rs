@@ -118,26 +118,32 @@ impl Page {
         self.owner.store(owner, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn class(&self) -> usize {
         self.class.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn owner(&self) -> usize {
         self.owner.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn set_owner(&self, owner: usize) {
         self.owner.store(owner, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn slot(&self) -> usize {
         self.slot.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn set_slot(&self, slot: usize) {
         self.slot.store(slot, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -344,6 +350,7 @@ impl Page {
     ///
     /// # Safety
     /// The caller owns every block of the list, and they all belong to this page.
+    #[inline]
     pub(crate) unsafe fn push_remote(&self, first: *const Header, last: *const Header) {
         let mut head = self.thread_free.load(Ordering::Relaxed);
         loop {

@@ -178,12 +178,15 @@ pub(crate) mod os {
         pub(crate) fn new() -> Committed {
             Committed(AtomicUsize::new(0))
         }
+        #[inline]
         pub(crate) fn add(&self, n: usize) {
             self.0.fetch_add(n, Ordering::Relaxed);
         }
+        #[inline]
         pub(crate) fn sub(&self, n: usize) {
             self.0.fetch_sub(n, Ordering::Relaxed);
         }
+        #[inline]
         pub(crate) fn get(&self) -> usize {
             self.0.load(Ordering::Relaxed)
         }
@@ -491,6 +494,7 @@ impl Table {
         }
     }
 
+    #[inline]
     fn get(&self, key: usize) -> usize {
         for (k, v) in &self.slots {
             if k.load(Ordering::Acquire) == key + 1 {

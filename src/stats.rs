@@ -42,8 +42,9 @@ pub struct Stats {
 pub(crate) enum Counter {
     RootsAllocated,
     RootsFreed,
-    BlocksAllocated,
-    BlocksFreed,
+    /// Linked blocks (roots count in `Roots*` only, so a lone root updates fewer counters).
+    LinkedAllocated,
+    LinkedFreed,
     BytesAllocated,
     BytesFreed,
     RemoteFrees,
@@ -160,7 +161,8 @@ impl StatsSlots {
         let live = |a: Counter, f: Counter| sums[a as usize].saturating_sub(sums[f as usize]);
         Stats {
             live_roots: live(Counter::RootsAllocated, Counter::RootsFreed),
-            live_blocks: live(Counter::BlocksAllocated, Counter::BlocksFreed),
+            live_blocks: live(Counter::RootsAllocated, Counter::RootsFreed)
+                + live(Counter::LinkedAllocated, Counter::LinkedFreed),
             live_bytes: live(Counter::BytesAllocated, Counter::BytesFreed),
             os_committed_bytes: committed as u64,
             remote_frees: sums[Counter::RemoteFrees as usize],

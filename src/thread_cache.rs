@@ -314,7 +314,6 @@ impl ThreadCache {
         let (block, class, usable) = self.alloc_block(size)?;
         block.start_root(class);
         self.count(Counter::RootsAllocated, 1);
-        self.count(Counter::BlocksAllocated, 1);
         self.count(Counter::BytesAllocated, usable as u64);
         Ok(user_ptr(block))
     }
@@ -354,7 +353,7 @@ impl ThreadCache {
         carver.top += need;
         carver.tally.add(need);
         prologue.record(carver.tally);
-        self.count(Counter::BlocksAllocated, 1);
+        self.count(Counter::LinkedAllocated, 1);
         self.count(Counter::BytesAllocated, need as u64);
         // SAFETY: a carved block lies inside a mapped chunk, so it is not null.
         Some(unsafe { NonNull::new_unchecked(ptr::with_exposed_provenance_mut(block)) })
@@ -390,7 +389,7 @@ impl ThreadCache {
         block.start_linked(class);
         match root.link(block) {
             Ok(()) => {
-                self.count(Counter::BlocksAllocated, 1);
+                self.count(Counter::LinkedAllocated, 1);
                 self.count(Counter::BytesAllocated, usable as u64);
                 Ok(user_ptr(block))
             }
@@ -469,7 +468,7 @@ impl ThreadCache {
             earlier_bytes,
             next_block: (block_size * 2).min(CHUNK_MAX_BLOCK),
         };
-        self.count(Counter::BlocksAllocated, 1);
+        self.count(Counter::LinkedAllocated, 1);
         self.count(Counter::BytesAllocated, need as u64);
         // SAFETY: inside a mapped chunk, so not null.
         Ok(unsafe { NonNull::new_unchecked(ptr::with_exposed_provenance_mut(payload)) })
@@ -507,7 +506,7 @@ impl ThreadCache {
         chunk.finish(class);
         self.give_back_one(chunk, class, guard);
         self.count(Counter::ChunksReturned, 1);
-        self.count(Counter::BlocksFreed, tally.blocks());
+        self.count(Counter::LinkedFreed, tally.blocks());
         self.count(Counter::BytesFreed, tally.bytes());
     }
 
@@ -675,13 +674,12 @@ impl ThreadCache {
                     self.page_emptied(page, &mut guard);
                 }
                 self.count(Counter::RootsFreed, 1);
-                self.count(Counter::BlocksFreed, 1);
                 self.count(Counter::BytesFreed, usable_size(class) as u64);
                 return FreeOutcome::Freed;
             }
         }
         let mut batch = RemoteBatch::new();
-        let (mut blocks, mut bytes) = (1, 0);
+        let (mut blocks, mut bytes) = (0, 0);
         for linked in chain {
             // SAFETY: chain blocks are live until we give them back just below (a chunk its
             // carver still holds: until we mark it freed).
@@ -724,7 +722,7 @@ impl ThreadCache {
             self.reclaim_abandoned();
         }
         self.count(Counter::RootsFreed, 1);
-        self.count(Counter::BlocksFreed, blocks);
+        self.count(Counter::LinkedFreed, blocks);
         self.count(Counter::BytesFreed, bytes as u64);
         FreeOutcome::Freed
     }
