@@ -466,7 +466,14 @@ impl ThreadCache {
             end,
             tally,
             earlier_bytes,
-            next_block: (block_size * 2).min(CHUNK_MAX_BLOCK),
+            // A root that outgrows its first chunk gets a second of the same size, and only
+            // then doubling ones: doubling at once left most second chunks half empty under
+            // churn (roots of 0-8 links), while long chains still take O(log n) chunks.
+            next_block: if earlier_bytes == 0 {
+                block_size
+            } else {
+                (block_size * 2).min(CHUNK_MAX_BLOCK)
+            },
         };
         self.count(Counter::LinkedAllocated, 1);
         self.count(Counter::BytesAllocated, need as u64);
