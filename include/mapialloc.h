@@ -64,8 +64,8 @@ struct mapialloc_stats {
      */
     uint64_t live_blocks;
     /**
-     * Usable bytes of the live blocks (each block's size-class capacity, not the size asked
-     * for).
+     * Usable bytes of the live blocks (a block's size-class capacity, or for a small linked
+     * block carved from a chunk its size rounded up to 16; not the size asked for).
      */
     uint64_t live_bytes;
     /**
@@ -73,7 +73,8 @@ struct mapialloc_stats {
      */
     uint64_t os_committed_bytes;
     /**
-     * Blocks returned by a thread that did not own their page.
+     * Blocks returned by a thread that did not own their page (a chunk of carved linked
+     * blocks counts once).
      */
     uint64_t remote_frees;
     /**

@@ -79,12 +79,13 @@ pub struct MapiallocStats {
     pub live_roots: u64,
     /// Blocks allocated and not yet freed: roots plus linked blocks.
     pub live_blocks: u64,
-    /// Usable bytes of the live blocks (each block's size-class capacity, not the size asked
-    /// for).
+    /// Usable bytes of the live blocks (a block's size-class capacity, or for a small linked
+    /// block carved from a chunk its size rounded up to 16; not the size asked for).
     pub live_bytes: u64,
     /// Bytes the heap holds committed from the OS (pages in use or cached, large spans).
     pub os_committed_bytes: u64,
-    /// Blocks returned by a thread that did not own their page.
+    /// Blocks returned by a thread that did not own their page (a chunk of carved linked
+    /// blocks counts once).
     pub remote_frees: u64,
     /// `MAPIFreeBuffer` on a root that was already freed (or that lost a race to free it).
     pub double_frees: u64,

@@ -3,7 +3,8 @@
 //! MAPI gives providers three calls: `MAPIAllocateBuffer` (a root), `MAPIAllocateMore` (a
 //! block linked to a root) and `MAPIFreeBuffer` (frees a root and its whole chain). Any thread
 //! may call any of them on any root at any time. This crate serves them from per-thread slab
-//! caches, links in O(1) with one CAS, frees without locks, and answers misuse (double frees,
+//! caches, carves small linked blocks from per-root chunks (no locked instruction per link),
+//! frees without locks, and answers misuse (double frees,
 //! frees of linked blocks, foreign pointers) without corrupting anything. `SPEC.md` is the
 //! behaviour contract.
 //!
@@ -15,6 +16,7 @@
 //! | `capi`          | `extern "system"` MAPI exports, the provider triple, stats for C |
 //! | `heap`          | the safe API: [`Heap`], [`default_heap`], [`Root`] |
 //! | `thread_cache`  | per-thread heap: a page per size class, fast paths, refill, thread exit |
+//! | `chunk`         | small linked blocks carved from per-root, per-thread chunks; who gives a chunk back |
 //! | `chain`         | header layout, the root state machine, link / win / close / walk |
 //! | `page`          | block carving, `free` / `local_free` / atomic `thread_free` lists |
 //! | `reclaim`       | crossbeam-epoch: the page pool, abandoned pages, retiring spans |
@@ -29,8 +31,12 @@
 //! locked instructions. A block freed by another thread goes onto its page's atomic
 //! `thread_free` list (one CAS per page per free call, however many blocks), which the owner
 //! takes whole with one swap. Freeing a root: one CAS wins it (exactly one of racing freers
-//! does), one swap closes its chain (a racing link either made it in and is freed with the
-//! chain, or fails and gives its block back). No call takes a lock or waits for a thread.
+//! does) and closes its chain in the same step (a racing link either made it in and is freed
+//! with the chain, or fails and gives its block back). A linked block of up to 256 bytes is
+//! carved from a chunk the linking thread holds for that root, with no locked instruction; the
+//! chunk itself was linked with one CAS, and one swap on each side decides whether the root's
+//! freer or the carving thread gives it back (see `chunk`). No call takes a lock or waits for
+//! a thread.
 //!
 //! # Reclamation
 //! Pages that fall empty go back to a heap-wide pool, and pages of exited threads are
