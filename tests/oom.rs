@@ -27,13 +27,14 @@ use std::ptr::{self, NonNull};
 /// The largest request a slab page serves; past it a block gets a span (a mapping) of its own.
 const MAX_SMALL: usize = 16 * 1024 - 16;
 
-/// Pages are 64 KiB and the idle pool keeps at most 16 of them committed (src/reclaim.rs,
+/// Pages are 64 KiB and the idle pool keeps at most 32 of them committed (src/reclaim.rs,
 /// `POOL_COMMITTED_PAGES`): a heap that has freed everything and collected, on one thread,
 /// holds no more than this.
-const IDLE_BOUND: u64 = 16 * 64 * 1024;
+const IDLE_BOUND: u64 = 32 * 64 * 1024;
 
 /// Workload steps: each allocates a root and links a block. Largest-class blocks fill four to a
-/// 64 KiB page, so 400 steps use about 150 pages: three 4 MiB segments (64 pages each).
+/// 64 KiB page, so 400 steps use about 150 pages: three 4 MiB segments (64 pages each); a tail
+/// of 256 largest-class roots (see `workload`) takes a fourth.
 const STEPS: usize = 400;
 
 /// What a call asked for.
@@ -152,6 +153,20 @@ fn workload(heap: &Heap) -> Run {
             Err(e) => {
                 assert_eq!(e, Scode::MAPI_E_NOT_ENOUGH_MEMORY, "step {i}: {kind:?}");
                 run.failures.push((kind, i));
+            }
+        }
+    }
+    // A segment's worth of largest-class roots alone (64 pages of four), so that small roots,
+    // not only the links carved between them, meet a segment mapping.
+    for i in 0..256 {
+        match heap.allocate_buffer(MAX_SMALL) {
+            Ok(p) => run.chains.push(Chain {
+                root: Block::new(p, MAX_SMALL, 0x55 ^ i as u8),
+                linked: Vec::new(),
+            }),
+            Err(e) => {
+                assert_eq!(e, Scode::MAPI_E_NOT_ENOUGH_MEMORY, "tail {i}: SmallRoot");
+                run.failures.push((Call::SmallRoot, STEPS + i));
             }
         }
     }

@@ -40,12 +40,12 @@ const MAX_SMALL: usize = 16 * 1024 - 16;
 const HELD: usize = 64;
 
 /// Idle memory a heap keeps after freeing everything and collecting, per the engine's design:
-/// the page pool keeps up to 16 idle 64 KiB pages committed (src/reclaim.rs,
+/// the page pool keeps up to 32 idle 64 KiB pages committed (src/reclaim.rs,
 /// `POOL_COMMITTED_PAGES`) and decommits the rest. Its count of committed pool pages is checked
 /// and then bumped without a CAS, so each thread returning pages at the same moment can
 /// overshoot it by one page: at most one per worker plus the main thread. Every other page is
 /// either in use (nothing is, by now) or decommitted, and large spans are unmapped.
-const COMMITTED_BOUND: u64 = (16 + WORKERS as u64 + 1) * 64 * 1024;
+const COMMITTED_BOUND: u64 = (32 + WORKERS as u64 + 1) * 64 * 1024;
 
 fn soak_duration() -> Duration {
     let secs = std::env::var("MAPIALLOC_SOAK_SECS")
