@@ -5,12 +5,13 @@
 #   loom-tests/run.sh --fault NAME   one fault (open_close, chunk_handoff)
 set -euo pipefail
 cd "$(dirname "$0")"
+self="$PWD/$(basename "$0")" # for the per-fault runs below, from here
 
 fault=""
 if [ "${1:-}" = "--fault" ]; then
   if [ -z "${2:-}" ]; then
     # Every planted fault in turn; each must be caught.
-    for f in open_close chunk_handoff; do "$0" --fault "$f" || exit 1; done
+    for f in open_close chunk_handoff; do "$self" --fault "$f" || exit 1; done
     exit 0
   fi
   fault="$2"
