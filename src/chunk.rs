@@ -3,9 +3,10 @@
 //! A linked block of at most [`CARVE_MAX`] bytes is not a block of its own: the linking
 //! thread carves it from a *chunk*, a small-class block linked into the root's chain like any
 //! linked block (one CAS), whose header says `Linked` with the chunk flag. The thread keeps the
-//! chunk's bump cursor in its cache (`Carver` in `thread_cache`), so carving writes nothing
-//! shared and needs no locked instruction; a root with 20 strings costs a CAS or two instead
-//! of 20, and its free walks a few chunks instead of 20 blocks.
+//! chunk's bump cursor in its cache (`Carver` in `thread_cache`, one for each of the last 4
+//! roots it linked to), so carving writes nothing shared but the tally and needs no locked
+//! instruction; a root with 20 strings costs a CAS instead of 20, and its free walks a chunk
+//! instead of 20 blocks.
 //!
 //! Layout of a chunk: `[Header][Prologue][carved blocks...][starts]`. Carved blocks have no
 //! header; `starts` has a bit per 16-byte granule, set by the carver where a block starts, so
@@ -27,6 +28,11 @@
 //! freed with the chain (the link linearises before the free). A carver that reads `FREED`
 //! knows the root was freed and fails over to the slow path, which validates the parent.
 //!
+//! Counting: the freer counts as freed the tally it read, and packs it into the `FREED` word;
+//! a carver that finds `FREED` counts only what it carved beyond that (blocks carved while
+//! the free ran), so the heap's counters are exact once no call is in flight, even while a
+//! carver still holds a chunk of a freed root.
+//!
 //! The same root address handed out again is never confused with the old root: the freer
 //! marks every chunk `FREED` before it gives the root block back, so a thread that learns of
 //! the new root (through any happens-before edge, as for every allocator) reads `FREED`.
@@ -38,8 +44,8 @@ use crate::sync::{AtomicU64, Ordering};
 pub(crate) const CARVE_MAX: usize = if cfg!(loom) { 16 } else { 256 };
 
 /// Block size (header included) of the smallest chunk. A root's first chunk from a thread is
-/// sized to what that thread's roots typically take; each further chunk for the same root
-/// doubles, up to [`CHUNK_MAX_BLOCK`].
+/// sized to what that thread's roots typically take; its second is as large, and each one
+/// after that doubles, up to [`CHUNK_MAX_BLOCK`].
 pub(crate) const CHUNK_FIRST_BLOCK: usize = if cfg!(loom) { 96 } else { 256 };
 /// Block size of the largest chunk (the largest small class).
 pub(crate) const CHUNK_MAX_BLOCK: usize = if cfg!(loom) { 96 } else { 16 << 10 };
