@@ -20,46 +20,30 @@ fn main() {
         .next()
         .map_or(100_000, |n| n.parse().expect("a round count"));
     let heap = Heap::new();
-    let mut size = 24;
-    let mut next_size = || {
-        size = 24 + (size * 7 + 13) % 63;
-        size
+    // Links per round; `None` for a lone root.
+    let links = match shape.as_str() {
+        "lone-root" => None,
+        "propset" => Some(20),
+        "link" => Some(1_000),
+        other => panic!("unknown shape {other}: lone-root, propset or link"),
     };
+    let mut size = 24;
     let mut blocks = 0u64;
     for _ in 0..rounds {
-        match shape.as_str() {
-            "lone-root" => {
-                let root = heap.allocate_buffer(64).expect("memory");
-                // SAFETY: `root` is live and not used afterwards.
-                unsafe { heap.free_buffer(black_box(root.as_ptr())) };
-                blocks += 1;
-            }
-            "propset" => {
+        let root = match links {
+            None => heap.allocate_buffer(64).expect("memory"),
+            Some(links) => {
                 let root = heap.allocate_buffer(320).expect("memory");
-                for _ in 0..20 {
-                    black_box(
-                        heap.allocate_more(next_size(), root.as_ptr())
-                            .expect("memory"),
-                    );
+                for _ in 0..links {
+                    size = 24 + (size * 7 + 13) % 63; // 24-86 B, varied
+                    black_box(heap.allocate_more(size, root.as_ptr()).expect("memory"));
                 }
-                // SAFETY: as above.
-                unsafe { heap.free_buffer(root.as_ptr()) };
-                blocks += 21;
+                root
             }
-            "link" => {
-                let root = heap.allocate_buffer(320).expect("memory");
-                for _ in 0..1_000 {
-                    black_box(
-                        heap.allocate_more(next_size(), root.as_ptr())
-                            .expect("memory"),
-                    );
-                }
-                // SAFETY: as above.
-                unsafe { heap.free_buffer(root.as_ptr()) };
-                blocks += 1_001;
-            }
-            other => panic!("unknown shape {other}: lone-root, propset or link"),
-        }
+        };
+        // SAFETY: `root` is live and neither it nor its chain is used afterwards.
+        unsafe { heap.free_buffer(black_box(root.as_ptr())) };
+        blocks += 1 + links.unwrap_or(0);
     }
     println!("{shape}: {blocks} blocks");
     assert_eq!(heap.stats().live_blocks, 0);

@@ -17,7 +17,7 @@
 //! Locked instructions: pop and local push none; a remote batch push one CAS per attempt; a
 //! drain one swap.
 
-use crate::chain::{Header, Meta, HEADER_SIZE};
+use crate::chain::{Header, Meta};
 use crate::segment::{PAGE_MAX_BLOCKS, PAGE_SIZE};
 use crate::size_class::block_size;
 use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
@@ -172,40 +172,28 @@ impl Page {
     /// Any thread may ask. A thread that does not own the page must be pinned: then the page
     /// cannot be retired and re-initialised for another class between this check and the
     /// caller's CAS on the header unless it was already retired before the pin, and in that
-    /// case the layout re-check below catches a re-initialisation that raced this read.
+    /// case the layout re-check in `block_containing` catches a re-initialisation that raced
+    /// this read.
     #[inline]
     pub(crate) fn block_at(&self, user: usize) -> Option<(&Header, Meta)> {
+        let (header, meta) = self.block_containing(user)?;
+        // Interior pointers are refused: only the block's own user pointer names it.
+        (header.user() as usize == user).then_some((header, meta))
+    }
+
+    /// The header and `meta` of the carved block that contains `user` (anywhere in it). Any
+    /// thread may ask (see `block_at` for when it must be pinned); what it reads of a page it
+    /// does not own is a snapshot.
+    #[inline]
+    pub(crate) fn block_containing(&self, user: usize) -> Option<(&Header, Meta)> {
         // Acquire: pairs with the Release in `init`/`carve`, so the size and count agree with
         // the headers they describe.
         let size = self.block_size.load(Ordering::Acquire);
-        let offset = user.checked_sub(self.area + HEADER_SIZE)?;
+        let offset = user.checked_sub(self.area)?;
         // offset < PAGE_SIZE <= 2^16 and size < 2^16, so the reciprocal gives the exact
-        // quotient; the product check rejects interior pointers.
+        // quotient.
         let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
         // Acquire (`reserved`): pairs with the Release store in `carve`: headers below it exist.
-        if size == 0 || index * size != offset || index >= self.reserved.load(Ordering::Acquire) {
-            return None;
-        }
-        // SAFETY: block `index` was carved, so its header was written, and the page's memory
-        // stays mapped while the heap lives.
-        let header = unsafe { &*Header::of_user(user) };
-        let meta = header.meta();
-        // Like a seqlock reader: the Acquire load of `meta` keeps this load after it, so an
-        // unchanged size means the header read belongs to the layout checked above.
-        if self.block_size.load(Ordering::Relaxed) != size {
-            return None;
-        }
-        Some((header, meta))
-    }
-
-    /// The header and `meta` of the carved block that contains `user` (anywhere in it), for
-    /// classifying pointers that are not block starts. Any thread may ask; what it reads of
-    /// a page it does not own is a snapshot.
-    pub(crate) fn block_containing(&self, user: usize) -> Option<(&Header, Meta)> {
-        // Acquire, both: as in `block_at`.
-        let size = self.block_size.load(Ordering::Acquire);
-        let offset = user.checked_sub(self.area)?;
-        let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
         if size == 0 || offset >= PAGE_SIZE || index >= self.reserved.load(Ordering::Acquire) {
             return None;
         }
@@ -214,7 +202,8 @@ impl Page {
         let header: &Header =
             unsafe { &*std::ptr::with_exposed_provenance(self.area + index * size) };
         let meta = header.meta();
-        // As in `block_at`: the layout must not have changed under the read.
+        // Like a seqlock reader: the Acquire load of `meta` keeps this load after it, so an
+        // unchanged size means the header read belongs to the layout checked above.
         if self.block_size.load(Ordering::Relaxed) != size {
             return None;
         }

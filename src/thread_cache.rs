@@ -238,6 +238,11 @@ impl Carver {
         earlier_bytes: 0,
         next_block: CHUNK_FIRST_BLOCK,
     };
+
+    /// Bytes carved for `root` so far, in every chunk of this thread.
+    fn root_bytes(&self) -> usize {
+        self.earlier_bytes + self.tally.bytes() as usize
+    }
 }
 
 /// Roots a thread keeps a chunk for at once.
@@ -248,16 +253,22 @@ fn payload_of(block_size: usize) -> usize {
     chunk::layout(block_size - HEADER_SIZE).starts - PROLOGUE_SIZE
 }
 
+/// The largest first chunk: long chains grow theirs from here.
+const FIRST_CHUNK_MAX: usize = if CHUNK_MAX_BLOCK < 4 << 10 {
+    CHUNK_MAX_BLOCK
+} else {
+    4 << 10
+};
+
 /// Block size of a root's first chunk for a thread whose roots take `typical` carved bytes:
 /// the size class that holds a little more than that (classes, not powers of two, so the
-/// slack stays small), between the smallest chunk and 4 KiB.
+/// slack stays small), between the smallest chunk and [`FIRST_CHUNK_MAX`].
 fn first_chunk_block(typical: usize) -> usize {
     // The prologue and the start bitmap (at most 64 bytes up to 4 KiB) come on top.
     let want = typical + typical / 8 + PROLOGUE_SIZE + 64;
-    match class_of(want) {
-        Some(class) => (block_size(class)).clamp(CHUNK_FIRST_BLOCK, CHUNK_MAX_BLOCK.min(4 << 10)),
-        None => CHUNK_MAX_BLOCK.min(4 << 10),
-    }
+    class_of(want).map_or(FIRST_CHUNK_MAX, |class| {
+        block_size(class).clamp(CHUNK_FIRST_BLOCK, FIRST_CHUNK_MAX)
+    })
 }
 
 /// One thread's cache for one heap.
@@ -420,10 +431,7 @@ impl ThreadCache {
         // its root freed and the address handed out again).
         let front = &self.carvers[0];
         let (mut block_size, earlier_bytes) = if parent == front.root {
-            let grown = (
-                front.next_block,
-                front.earlier_bytes + front.tally.bytes() as usize,
-            );
+            let grown = (front.next_block, front.root_bytes());
             let full = std::mem::replace(&mut self.carvers[0], Carver::EMPTY);
             self.release(full, guard);
             grown
@@ -431,7 +439,7 @@ impl ThreadCache {
             // A new root: the oldest slot makes room.
             let oldest = std::mem::replace(&mut self.carvers[CARVERS - 1], Carver::EMPTY);
             if oldest.root != 0 {
-                self.learn_root_bytes(oldest.earlier_bytes + oldest.tally.bytes() as usize);
+                self.learn_root_bytes(oldest.root_bytes());
             }
             self.release(oldest, guard);
             self.carvers.rotate_right(1);
@@ -698,7 +706,7 @@ impl ThreadCache {
                 let tally = if let Some(slot) = held {
                     // Ours: nobody else touches its state.
                     let carver = std::mem::replace(&mut self.carvers[slot], Carver::EMPTY);
-                    self.learn_root_bytes(carver.earlier_bytes + carver.tally.bytes() as usize);
+                    self.learn_root_bytes(carver.root_bytes());
                     carver.tally
                 } else {
                     match chunk::prologue(linked).free() {

@@ -78,7 +78,8 @@ impl<'h> Sentinel<'h> {
     }
 
     /// Asserts that `heap` holds nothing but this chain, with `misuse` counted, then frees it
-    /// and asserts that `heap` holds nothing at all.
+    /// and asserts that `heap` holds nothing at all, and once this thread's carvers let go
+    /// (`collect`), no chunk either.
     #[track_caller]
     fn free_last(self, heap: &Heap, misuse: Counts) {
         assert_eq!(Counts::of(heap), self.with(misuse));
@@ -86,6 +87,8 @@ impl<'h> Sentinel<'h> {
         assert_eq!(self.chain.free(), FreeOutcome::Freed);
         assert_eq!(Counts::of(heap), misuse);
         assert_eq!(heap.stats().live_bytes, 0);
+        heap.collect();
+        assert_eq!(live_chunks(heap), 0);
     }
 }
 
@@ -188,8 +191,6 @@ fn carved_blocks_answer_the_spec_rows_of_linked_blocks() {
     );
     assert_eq!(chain.free(), FreeOutcome::Freed); // every block still holds its pattern
     sentinel.free_last(&heap, misuse);
-    heap.collect();
-    assert_eq!(live_chunks(&heap), 0);
 }
 
 /// "Chains of 1,000-10,000 blocks occur" (SPEC): 10,000 links to one root, sizes 0..=300.
@@ -234,8 +235,6 @@ fn chunks_grow_with_a_long_chain() {
     );
     assert_eq!(chain.free(), FreeOutcome::Freed);
     sentinel.free_last(&heap, Counts::default());
-    heap.collect();
-    assert_eq!(live_chunks(&heap), 0);
 }
 
 /// One thread links to three roots in turn, so its carver changes roots at every call; one
@@ -297,8 +296,6 @@ fn one_thread_linking_to_roots_in_turn() {
         check(&heap, &roots);
     }
     sentinel.free_last(&heap, Counts::default());
-    heap.collect();
-    assert_eq!(live_chunks(&heap), 0);
 }
 
 /// Transport providers allocate on one thread and free on another (SPEC): thread A builds
