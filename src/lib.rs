@@ -42,7 +42,9 @@
 //! Pages that fall empty go back to a heap-wide pool, and pages of exited threads are
 //! abandoned for others to adopt; both through crossbeam-epoch, so no page comes back into use
 //! while a thread that read it before is still in its call. Idle pages past a small bound are
-//! decommitted; large spans are unmapped after a grace period. See `reclaim`.
+//! decommitted; large spans are unmapped after a grace period. A free that retired memory
+//! lets the epoch catch up before it returns, so when no other thread is inside a call the
+//! memory is back at once, not at some later call. See `reclaim`.
 //!
 //! # C API
 //! The cdylib and staticlib export `MAPIAllocateBuffer`, `MAPIAllocateMore`, `MAPIFreeBuffer`

@@ -180,7 +180,12 @@ impl Reclaim {
 
     /// Whether deferred returns are still waiting for their grace period.
     pub(crate) fn has_pending(&self) -> bool {
-        self.pending.load(Ordering::Relaxed) != 0
+        self.pending() != 0
+    }
+
+    /// Deferred returns still waiting for their grace period.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
     }
 
     fn pool_push(&self, page: &Page) {

@@ -16,11 +16,13 @@
 //!   carved, plus 1 CAS per run of consecutive remote blocks of one page in the chain.
 //!   Emptying a page adds an epoch pin.
 //!
-//! Epoch pins, at most one per call: a call on a root in a page this cache owns (the lone
-//! root, a provider building its own property set) pins nothing, since no other thread can
-//! retire or re-initialise that page. A call on any other page pins before it validates the
-//! pointer (see `locate`), as does anything touching a large span, and retiring. The page
-//! stacks are ABA-safe on their own, so refills never pin.
+//! Epoch pins, at most one while a call validates and walks: a call on a root in a page this
+//! cache owns (the lone root, a provider building its own property set) pins nothing, since
+//! no other thread can retire or re-initialise that page. A call on any other page pins before
+//! it validates the pointer (see `locate`), as does anything touching a large span, and
+//! retiring. A free that retired a page or span then unpins and flushes the epoch until that
+//! stops returning memory (`catch_up_epoch`), so the memory is back before the call returns.
+//! The page stacks are ABA-safe on their own, so refills never pin.
 
 use crate::chain::{Header, Kind, Meta, NotAnOpenRoot, HEADER_SIZE, LARGE_CLASS};
 use crate::chunk::{
@@ -48,6 +50,10 @@ const ADOPT_PER_REFILL: usize = 4;
 /// Epoch flushes `collect` tries at most while deferred returns are pending (each runs a few
 /// expired bags). Loom models get a handful: the rest runs at heap teardown.
 const COLLECT_ROUNDS: usize = if cfg!(loom) { 3 } else { 10_000 };
+
+/// Epoch flushes in a row that may return nothing before a free that retired memory stops
+/// flushing: two advances expire what it retired, when no other thread holds the epoch back.
+const CATCH_UP_STALLS: usize = 2;
 
 /// Hardened builds: blocks a cache quarantines before handing them to the epoch at once.
 #[cfg(feature = "hardened")]
@@ -283,6 +289,9 @@ pub(crate) struct ThreadCache {
     carvers: [Carver; CARVERS],
     /// Carved bytes a root took from this thread, on average (recent roots weigh most).
     typical_root_bytes: usize,
+    /// This call retired a page or span through the epoch: let the epoch catch up before
+    /// returning, so the memory goes back now, not at some later call (maybe never).
+    retired: bool,
     /// Hardened builds: freed blocks waiting for a grace period before reuse.
     #[cfg(feature = "hardened")]
     quarantine: Vec<(&'static Page, *const Header)>,
@@ -300,6 +309,7 @@ impl ThreadCache {
             stats: NonNull::from(shared.stats.claim()),
             carvers: [Carver::EMPTY; CARVERS],
             typical_root_bytes: 0,
+            retired: false,
             #[cfg(feature = "hardened")]
             quarantine: Vec::with_capacity(QUARANTINE_BATCH),
             handle: shared.collector.register(),
@@ -687,6 +697,7 @@ impl ThreadCache {
                 let class = meta.class() as usize;
                 if page.push_local(root) && self.current[class] != Some(NonNull::from(page)) {
                     self.page_emptied(page, &mut guard);
+                    self.catch_up_epoch(guard);
                 }
                 self.count(Counter::RootsFreed, 1);
                 self.count(Counter::BytesFreed, usable_size(class) as u64);
@@ -733,8 +744,11 @@ impl ThreadCache {
         bytes += self.give_back(root, meta.class(), home, &mut batch, &mut guard);
         self.flush_batch(&mut batch);
         if batch.hit_abandoned {
-            drop(guard);
+            drop(guard.take());
             self.reclaim_abandoned();
+        }
+        if self.retired {
+            self.catch_up_epoch(guard);
         }
         self.count(Counter::RootsFreed, 1);
         self.count(Counter::LinkedFreed, blocks);
@@ -889,13 +903,14 @@ impl ThreadCache {
 
     /// Unmaps a large block's span after a grace period; returns its usable size.
     #[cold]
-    fn release_span(&self, span: *const LargeSpan, guard: &mut Option<Guard>) -> usize {
+    fn release_span(&mut self, span: *const LargeSpan, guard: &mut Option<Guard>) -> usize {
         let guard = guard.get_or_insert_with(|| self.pin());
         // SAFETY: the span's block is ours to free, so the span is registered and this thread
         // is the only one that removes it.
         let span = unsafe { self.shared.registry.remove_large(span) };
         let usable = span.len - HEADER_SIZE;
         self.shared.reclaim.retire_span(span, guard);
+        self.retired = true;
         usable
     }
 
@@ -942,6 +957,39 @@ impl ThreadCache {
         self.remove_page(page);
         let guard = guard.get_or_insert_with(|| self.pin());
         self.shared.reclaim.retire_page(page, guard);
+        self.retired = true;
+    }
+
+    /// After a call retired memory: unpins (`guard`) and flushes the epoch while that returns
+    /// something, so that when no other thread is inside a call the retired pages reach the
+    /// pool (and are decommitted past its bound) and spans are unmapped before this call
+    /// returns. Otherwise they would wait for this heap's next calls, which a provider that
+    /// has just freed everything may never make. A thread pinned elsewhere stops it after
+    /// [`CATCH_UP_STALLS`] idle flushes; each flush runs a few expired bags (one per retired
+    /// page), so the work is proportional to what was retired, never to the blocks freed.
+    #[cold]
+    #[inline(never)]
+    fn catch_up_epoch(&mut self, guard: Option<Guard>) {
+        drop(guard);
+        self.retired = false;
+        // Loom models skip it: it only calls crossbeam's `flush`, which is safe at any point,
+        // and its loop multiplies the interleavings past what the models can explore. It
+        // decides when memory goes back, not whether that is safe.
+        if cfg!(loom) {
+            return;
+        }
+        let reclaim = &self.shared.reclaim;
+        let mut stalls = 0;
+        let mut pending = reclaim.pending();
+        for _ in 0..COLLECT_ROUNDS {
+            if pending == 0 || stalls > CATCH_UP_STALLS {
+                break;
+            }
+            self.handle.pin().flush();
+            let now = reclaim.pending();
+            stalls = if now < pending { 0 } else { stalls + 1 };
+            pending = now;
+        }
     }
 
     /// Finds the block whose user pointer is `user` and reads its `meta`, without reading
@@ -1081,6 +1129,7 @@ impl ThreadCache {
             self.current[class] = None;
         }
         guard.flush();
+        self.catch_up_epoch(Some(guard));
     }
 }
 

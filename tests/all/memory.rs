@@ -155,3 +155,30 @@ fn rss_drops_after_free_everything() {
         "RSS {after} after freeing everything: started at {base}, peaked at {peak}"
     );
 }
+
+/// Pages of 64 KiB that a heap may keep committed with no `collect()`: its idle pool (32,
+/// src/reclaim.rs) and an emptied current page per size class it used (a few here).
+const IDLE_PAGES: u64 = 32 + 8;
+
+/// A free that empties pages hands them to the pool before it returns, when no other thread
+/// is inside a call of the heap: no later call (a provider that freed everything may make
+/// none) and no `collect()` is needed. The chain's 300-byte links are blocks of their own
+/// (not carved), so its free empties about 100 pages in one walk.
+#[test]
+#[cfg_attr(miri, ignore = "100 pages of blocks: too slow under Miri")]
+fn a_free_gives_emptied_pages_back_before_returning() {
+    let heap = Heap::new();
+    let base = heap.stats().os_committed_bytes;
+    let chain = Chain::with_links(&heap, 64, std::iter::repeat_n(300, 20_000), 0);
+    let peak = heap.stats().os_committed_bytes;
+    assert!(
+        peak >= base + (20_000 * 300),
+        "{peak} bytes committed for 6 MB of links"
+    );
+    assert_eq!(chain.free(), FreeOutcome::Freed);
+    let after = heap.stats().os_committed_bytes;
+    assert!(
+        after <= base + (IDLE_PAGES << 16),
+        "{after} bytes committed right after the free: started at {base}, peaked at {peak}"
+    );
+}
