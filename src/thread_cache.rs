@@ -51,9 +51,10 @@ const ADOPT_PER_REFILL: usize = 4;
 /// expired bags). Loom models get a handful: the rest runs at heap teardown.
 const COLLECT_ROUNDS: usize = if cfg!(loom) { 3 } else { 10_000 };
 
-/// Epoch flushes in a row that may return nothing before a free that retired memory stops
-/// flushing: two advances expire what it retired, when no other thread holds the epoch back.
-const CATCH_UP_STALLS: usize = 2;
+/// Epoch flushes in a row past the first that may return nothing before a free that retired
+/// memory stops flushing: the first advances the epoch, the second advances it again and runs
+/// what expired, when no other thread holds the epoch back.
+const CATCH_UP_STALLS: usize = 1;
 
 /// Hardened builds: blocks a cache quarantines before handing them to the epoch at once.
 #[cfg(feature = "hardened")]
@@ -1122,6 +1123,7 @@ impl ThreadCache {
                 page.check_invariant();
                 if page.used() == 0 {
                     self.shared.reclaim.retire_page(page, &guard);
+                    self.retired = true;
                 } else {
                     self.shared.reclaim.abandon_page(page);
                 }
@@ -1129,7 +1131,11 @@ impl ThreadCache {
             self.current[class] = None;
         }
         guard.flush();
-        self.catch_up_epoch(Some(guard));
+        // Only for what this thread retired: a short-lived thread that leaves live blocks
+        // behind should not pay for collecting other threads' garbage on its way out.
+        if self.retired {
+            self.catch_up_epoch(Some(guard));
+        }
     }
 }
 
