@@ -13,8 +13,10 @@
 //! threads go onto the abandoned stack at once: they still hold live blocks, nothing reuses
 //! them until a thread adopts them.
 //!
-//! Pages pushed to the pool past `POOL_COMMITTED_PAGES` are decommitted on the way in, so a
-//! heap that has freed everything holds at most that much idle memory.
+//! Free pages wait in two stacks: `pool`, committed, at most `POOL_COMMITTED_PAGES` of them,
+//! and `cold`, decommitted (or never touched). A page retired past the bound is decommitted
+//! on the way in, so a heap that has freed everything holds at most that much idle memory;
+//! refills take committed pages first.
 
 use crate::page::Page;
 use crate::segment::{os, LargeSpan, PAGE_SIZE};
@@ -102,11 +104,16 @@ impl PageStack {
 
 /// The heap-wide reclamation state.
 pub(crate) struct Reclaim {
-    /// Free pages, any class.
-    pub(crate) pool: PageStack,
+    /// Free committed pages, any class: refills take these first.
+    pool: PageStack,
+    /// Free pages with no memory behind them (decommitted, or never touched), any class.
+    /// Kept apart so that a refill never faults a page in while committed ones sit idle: in
+    /// one stack, pages decommitted past the bound landed on top of the committed ones, and a
+    /// long chain built and freed in a loop faulted in most of its pages every round.
+    cold: PageStack,
     /// Pages of exited threads that still hold live blocks.
     pub(crate) abandoned: PageStack,
-    /// Committed pages in the pool (an estimate; only bounds idle memory).
+    /// Pages in `pool` (an estimate; only bounds idle memory).
     pool_committed: AtomicUsize,
     /// Bytes committed from the OS.
     pub(crate) committed: os::Committed,
@@ -118,6 +125,7 @@ impl Reclaim {
     pub(crate) fn new() -> Reclaim {
         Reclaim {
             pool: PageStack::new(),
+            cold: PageStack::new(),
             abandoned: PageStack::new(),
             pool_committed: AtomicUsize::new(0),
             committed: os::Committed::new(),
@@ -125,18 +133,31 @@ impl Reclaim {
         }
     }
 
-    /// Takes a free page from the pool, committing it (in the accounts) if needed.
+    /// Takes a free page, a committed one if there is any, committing it (in the accounts)
+    /// otherwise.
     pub(crate) fn take_page(&self) -> Option<&Page> {
-        let page = self.pool.pop()?;
+        if let Some(page) = self.pool.pop() {
+            self.pool_committed.fetch_sub(1, Ordering::Relaxed);
+            return Some(page);
+        }
+        let page = self.cold.pop()?;
         if page.mark_committed(true) {
             self.committed.add(PAGE_SIZE);
-        } else {
-            self.pool_committed.fetch_sub(1, Ordering::Relaxed);
         }
         Some(page)
     }
 
+    /// Adds a page of a new segment, never touched, to the free pages. Fresh pages were never
+    /// popped, so they need no grace period.
+    pub(crate) fn add_fresh_page(&self, page: &Page) {
+        debug_assert!(!page.is_committed());
+        self.cold.push(page);
+    }
+
     /// Returns an empty page (no owner, no blocks out) to the pool after a grace period.
+    ///
+    /// The return waits in the caller's epoch bag: the caller flushes once per call, not per
+    /// page (`ThreadCache::catch_up_epoch`), since each flush seals a bag of 64 slots.
     pub(crate) fn retire_page(&self, page: &Page, guard: &Guard) {
         page.set_owner(0);
         let this = self as *const Reclaim;
@@ -145,7 +166,6 @@ impl Reclaim {
         // SAFETY: the heap's collector runs (or, at teardown, drops) its deferred functions
         // before the heap's pages and this `Reclaim` are freed, so both pointers outlive it.
         unsafe { guard.defer_unchecked(move || (*this).pool_push(&*page)) };
-        guard.flush();
     }
 
     /// Puts a page of a thread that exited, with live blocks, on the abandoned stack.
@@ -190,19 +210,23 @@ impl Reclaim {
 
     fn pool_push(&self, page: &Page) {
         self.pending.fetch_sub(1, Ordering::Relaxed);
+        // A retired page was in use, so it is committed.
         if self.pool_committed.load(Ordering::Relaxed) >= POOL_COMMITTED_PAGES {
             if page.mark_committed(false) {
                 // SAFETY: the page is empty and in no one's hands: its memory holds no data.
                 unsafe { os::decommit(page.area(), PAGE_SIZE) };
                 self.committed.sub(PAGE_SIZE);
             }
-        } else if page.is_committed() {
+            self.cold.push(page);
+        } else {
+            debug_assert!(page.is_committed());
             self.pool_committed.fetch_add(1, Ordering::Relaxed);
+            self.pool.push(page);
         }
-        self.pool.push(page);
     }
 
-    /// Unmaps a large span (already out of the registry) after a grace period.
+    /// Unmaps a large span (already out of the registry) after a grace period; the caller
+    /// flushes, as for `retire_page`.
     pub(crate) fn retire_span(&self, span: Box<LargeSpan>, guard: &Guard) {
         self.committed.sub(span.len);
         self.pending.fetch_add(1, Ordering::Relaxed);
@@ -215,6 +239,5 @@ impl Reclaim {
                 (*this).pending.fetch_sub(1, Ordering::Relaxed);
             })
         };
-        guard.flush();
     }
 }

@@ -51,10 +51,12 @@ const ADOPT_PER_REFILL: usize = 4;
 /// expired bags). Loom models get a handful: the rest runs at heap teardown.
 const COLLECT_ROUNDS: usize = if cfg!(loom) { 3 } else { 10_000 };
 
-/// Epoch flushes in a row past the first that may return nothing before a free that retired
-/// memory stops flushing: the first advances the epoch, the second advances it again and runs
-/// what expired, when no other thread holds the epoch back.
-const CATCH_UP_STALLS: usize = 1;
+/// Epoch flushes a call that retired memory makes at least (while returns are pending): the
+/// first seals this thread's bag and advances the epoch, the second advances it again and
+/// runs what expired, the third runs what bags of crossbeam's own queued ahead of ours kept
+/// back. After these it goes on only while a flush returns memory: when another thread holds
+/// the epoch back, no flush can.
+const CATCH_UP_MIN_FLUSHES: usize = 3;
 
 /// Hardened builds: blocks a cache quarantines before handing them to the epoch at once.
 #[cfg(feature = "hardened")]
@@ -386,6 +388,17 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn allocate_more_slow(&mut self, size: usize, parent: *mut u8) -> Result<NonNull<u8>, Scode> {
+        let result = self.link_slow(size, parent);
+        // Letting go of a chunk, or giving back a block whose parent was freed, can empty a
+        // page.
+        if self.retired {
+            self.catch_up_epoch(None);
+        }
+        result
+    }
+
+    /// `allocate_more_slow` without the epoch catch-up.
+    fn link_slow(&mut self, size: usize, parent: *mut u8) -> Result<NonNull<u8>, Scode> {
         // A chunk of an older slot: bring it to the front and carve there.
         if let Some(slot) = (1..CARVERS).find(|&i| self.carvers[i].root == parent as usize) {
             self.carvers[..=slot].rotate_right(1);
@@ -623,8 +636,7 @@ impl ThreadCache {
         let segment = extend(self.shared.registry.insert_small(segment));
         let (first, rest) = segment.pages().split_first().expect("segments have pages");
         for page in rest {
-            // Fresh pages were never popped, so they may be pushed without a grace period.
-            self.shared.reclaim.pool.push(page);
+            self.shared.reclaim.add_fresh_page(page);
         }
         if first.mark_committed(true) {
             self.shared.reclaim.committed.add(crate::segment::PAGE_SIZE);
@@ -683,6 +695,9 @@ impl ThreadCache {
         };
         match meta.kind() {
             Some(Kind::Root) => {}
+            // A chunk's own user pointer is its prologue, never handed out: no block starts
+            // there (a freed root whose page now serves chunks lands here).
+            Some(Kind::Linked) if meta.is_chunk() => return self.misuse(FreeOutcome::Foreign),
             Some(Kind::Linked) => return self.misuse(FreeOutcome::LinkedBlock),
             // `None`: a carved block boundary whose header reads as nothing, i.e. the page
             // was emptied and decommitted after this root was freed.
@@ -949,6 +964,7 @@ impl ThreadCache {
         if page.used() == 0 {
             self.remove_page(page);
             self.shared.reclaim.retire_page(page, guard);
+            self.retired = true;
         }
     }
 
@@ -966,30 +982,55 @@ impl ThreadCache {
     /// pool (and are decommitted past its bound) and spans are unmapped before this call
     /// returns. Otherwise they would wait for this heap's next calls, which a provider that
     /// has just freed everything may never make. A thread pinned elsewhere stops it after
-    /// [`CATCH_UP_STALLS`] idle flushes; each flush runs a few expired bags (one per retired
-    /// page), so the work is proportional to what was retired, never to the blocks freed.
+    /// [`CATCH_UP_MIN_FLUSHES`]. Retiring only fills this thread's epoch bag; the
+    /// first flush here seals it, so a call pays one bag however many pages it retired, and
+    /// nothing per block freed.
     #[cold]
     #[inline(never)]
     fn catch_up_epoch(&mut self, guard: Option<Guard>) {
+        let guard = guard.unwrap_or_else(|| self.pin());
+        self.retire_empty_current_pages(&guard);
         drop(guard);
         self.retired = false;
-        // Loom models skip it: it only calls crossbeam's `flush`, which is safe at any point,
-        // and its loop multiplies the interleavings past what the models can explore. It
-        // decides when memory goes back, not whether that is safe.
+        // Loom models flush once: `flush` is safe at any point, and the loop multiplies the
+        // interleavings past what the models can explore. It decides when memory goes back,
+        // not whether that is safe.
         if cfg!(loom) {
+            self.handle.pin().flush();
             return;
         }
         let reclaim = &self.shared.reclaim;
-        let mut stalls = 0;
         let mut pending = reclaim.pending();
-        for _ in 0..COLLECT_ROUNDS {
-            if pending == 0 || stalls > CATCH_UP_STALLS {
+        for flush in 0..COLLECT_ROUNDS {
+            if pending == 0 {
                 break;
             }
             self.handle.pin().flush();
             let now = reclaim.pending();
-            stalls = if now < pending { 0 } else { stalls + 1 };
+            if now >= pending && flush + 1 >= CATCH_UP_MIN_FLUSHES {
+                break;
+            }
             pending = now;
+        }
+    }
+
+    /// Memory is going back (this call retired a page or span): the current pages with no
+    /// block out go too, so a thread that has freed everything keeps none of its own. (A
+    /// current page is kept when it empties on the fast path, so that a root allocated and
+    /// freed in a loop does not take a page from the pool each time; retirements are rare
+    /// enough that this does not bring that back.)
+    fn retire_empty_current_pages(&mut self, guard: &Guard) {
+        for class in 0..NUM_CLASSES {
+            let Some(page) = self.current[class] else {
+                continue;
+            };
+            // SAFETY: pages on our lists are descriptors of live segments.
+            let page = unsafe { page.as_ref() };
+            // Blocks on `thread_free` count as used, so 0 means every block is on our lists.
+            if page.used() == 0 {
+                self.remove_page(page);
+                self.shared.reclaim.retire_page(page, guard);
+            }
         }
     }
 

@@ -193,6 +193,33 @@ fn carved_blocks_answer_the_spec_rows_of_linked_blocks() {
     sentinel.free_last(&heap, misuse);
 }
 
+/// A chunk's own user pointer (its prologue, just before its first carved block) is no
+/// block a caller was given: freeing it is a foreign free, linking to it a bad parent. (A
+/// root freed twice after its page came to serve chunks meets this: it must not be answered
+/// as a linked block.) Without carving the same address is a block's header: foreign too.
+#[test]
+fn a_chunks_own_address_is_no_block() {
+    let heap = Heap::new();
+    let sentinel = Sentinel::new(&heap);
+    let chain = Chain::with_links(&heap, 64, [24], 1);
+    let first = chain.linked()[0].ptr();
+    let prologue = first.wrapping_sub(16);
+    // SAFETY: `prologue` is no block start (the chunk's prologue, or a block header), so the
+    // call frees nothing.
+    assert_eq!(unsafe { heap.free_buffer(prologue) }, FreeOutcome::Foreign);
+    assert_eq!(
+        heap.allocate_more(16, prologue),
+        Err(Scode::MAPI_E_INVALID_PARAMETER)
+    );
+    let misuse = Counts {
+        foreign_frees: 1,
+        bad_parents: 1,
+        ..Counts::default()
+    };
+    assert_eq!(chain.free(), FreeOutcome::Freed);
+    sentinel.free_last(&heap, misuse);
+}
+
 /// "Chains of 1,000-10,000 blocks occur" (SPEC): 10,000 links to one root, sizes 0..=300.
 /// Every block is aligned and disjoint from the others and keeps its pattern until the free,
 /// `live_roots` counts every carved block, and the chunks grow: they hold thousands of bytes
