@@ -114,7 +114,7 @@ pub(crate) struct Reclaim {
     /// Pages of exited threads that still hold live blocks.
     pub(crate) abandoned: PageStack,
     /// Pages in `pool` (an estimate; only bounds idle memory).
-    pool_committed: AtomicUsize,
+    pool_pages: AtomicUsize,
     /// Bytes committed from the OS.
     pub(crate) committed: os::Committed,
     /// Deferred returns not run yet, so `collect` knows when to stop advancing the epoch.
@@ -127,7 +127,7 @@ impl Reclaim {
             pool: PageStack::new(),
             cold: PageStack::new(),
             abandoned: PageStack::new(),
-            pool_committed: AtomicUsize::new(0),
+            pool_pages: AtomicUsize::new(0),
             committed: os::Committed::new(),
             pending: AtomicUsize::new(0),
         }
@@ -137,7 +137,7 @@ impl Reclaim {
     /// otherwise.
     pub(crate) fn take_page(&self) -> Option<&Page> {
         if let Some(page) = self.pool.pop() {
-            self.pool_committed.fetch_sub(1, Ordering::Relaxed);
+            self.pool_pages.fetch_sub(1, Ordering::Relaxed);
             return Some(page);
         }
         let page = self.cold.pop()?;
@@ -198,11 +198,6 @@ impl Reclaim {
         guard.flush();
     }
 
-    /// Whether deferred returns are still waiting for their grace period.
-    pub(crate) fn has_pending(&self) -> bool {
-        self.pending() != 0
-    }
-
     /// Deferred returns still waiting for their grace period.
     pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
@@ -211,7 +206,7 @@ impl Reclaim {
     fn pool_push(&self, page: &Page) {
         self.pending.fetch_sub(1, Ordering::Relaxed);
         // A retired page was in use, so it is committed.
-        if self.pool_committed.load(Ordering::Relaxed) >= POOL_COMMITTED_PAGES {
+        if self.pool_pages.load(Ordering::Relaxed) >= POOL_COMMITTED_PAGES {
             if page.mark_committed(false) {
                 // SAFETY: the page is empty and in no one's hands: its memory holds no data.
                 unsafe { os::decommit(page.area(), PAGE_SIZE) };
@@ -220,7 +215,7 @@ impl Reclaim {
             self.cold.push(page);
         } else {
             debug_assert!(page.is_committed());
-            self.pool_committed.fetch_add(1, Ordering::Relaxed);
+            self.pool_pages.fetch_add(1, Ordering::Relaxed);
             self.pool.push(page);
         }
     }

@@ -963,8 +963,7 @@ impl ThreadCache {
         page.drain_thread_free();
         if page.used() == 0 {
             self.remove_page(page);
-            self.shared.reclaim.retire_page(page, guard);
-            self.retired = true;
+            self.retire(page, guard);
         }
     }
 
@@ -973,6 +972,11 @@ impl ThreadCache {
     fn page_emptied(&mut self, page: &Page, guard: &mut Option<Guard>) {
         self.remove_page(page);
         let guard = guard.get_or_insert_with(|| self.pin());
+        self.retire(page, guard);
+    }
+
+    /// Retires an empty page of ours through the epoch; the call catches up before it returns.
+    fn retire(&mut self, page: &Page, guard: &Guard) {
         self.shared.reclaim.retire_page(page, guard);
         self.retired = true;
     }
@@ -999,19 +1003,7 @@ impl ThreadCache {
             self.handle.pin().flush();
             return;
         }
-        let reclaim = &self.shared.reclaim;
-        let mut pending = reclaim.pending();
-        for flush in 0..COLLECT_ROUNDS {
-            if pending == 0 {
-                break;
-            }
-            self.handle.pin().flush();
-            let now = reclaim.pending();
-            if now >= pending && flush + 1 >= CATCH_UP_MIN_FLUSHES {
-                break;
-            }
-            pending = now;
-        }
+        self.flush_epoch(CATCH_UP_MIN_FLUSHES);
     }
 
     /// Memory is going back (this call retired a page or span): the current pages with no
@@ -1029,7 +1021,7 @@ impl ThreadCache {
             // Blocks on `thread_free` count as used, so 0 means every block is on our lists.
             if page.used() == 0 {
                 self.remove_page(page);
-                self.shared.reclaim.retire_page(page, guard);
+                self.retire(page, guard);
             }
         }
     }
@@ -1142,11 +1134,24 @@ impl ThreadCache {
     /// Lets the epoch advance until every deferred return has run, or other threads' pins
     /// hold it back. Each flush advances the epoch at most once and runs a few expired bags.
     fn run_deferred(&self) {
-        for _ in 0..COLLECT_ROUNDS {
-            if !self.shared.reclaim.has_pending() {
+        self.flush_epoch(COLLECT_ROUNDS);
+    }
+
+    /// Flushes the epoch while deferred returns are pending, at most [`COLLECT_ROUNDS`] times;
+    /// after `min_flushes`, only while each flush returns something.
+    fn flush_epoch(&self, min_flushes: usize) {
+        let reclaim = &self.shared.reclaim;
+        let mut pending = reclaim.pending();
+        for flush in 0..COLLECT_ROUNDS {
+            if pending == 0 {
                 break;
             }
             self.handle.pin().flush();
+            let now = reclaim.pending();
+            if now >= pending && flush + 1 >= min_flushes {
+                break;
+            }
+            pending = now;
         }
     }
 
@@ -1163,19 +1168,19 @@ impl ThreadCache {
                 page.drain_thread_free();
                 page.check_invariant();
                 if page.used() == 0 {
-                    self.shared.reclaim.retire_page(page, &guard);
-                    self.retired = true;
+                    self.retire(page, &guard);
                 } else {
                     self.shared.reclaim.abandon_page(page);
                 }
             }
             self.current[class] = None;
         }
-        guard.flush();
-        // Only for what this thread retired: a short-lived thread that leaves live blocks
-        // behind should not pay for collecting other threads' garbage on its way out.
+        // Catching up only for what this thread retired: a short-lived thread that leaves live
+        // blocks behind should not pay for collecting other threads' garbage on its way out.
         if self.retired {
             self.catch_up_epoch(Some(guard));
+        } else {
+            guard.flush();
         }
     }
 }
