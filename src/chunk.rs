@@ -20,6 +20,8 @@
 //!   `FREED`, the root's freer has passed and the carver gives the chunk back itself;
 //! * the root's freer swaps each chunk of the closed chain to `FREED`; if it finds `SEALED`,
 //!   the carver has let go and the freer gives it back; if it finds `HELD`, the carver will.
+//!   A freer that *loads* `SEALED` skips the swap: sealing is final, so no one else will
+//!   look at the chunk again (most chunks of a chain are sealed by the time it is freed).
 //!
 //! Both swaps are RMWs on one word, so exactly one side sees the other's mark. While a chunk
 //! is `HELD` its memory cannot be given back, so the carver's reads and writes of it are
@@ -259,6 +261,12 @@ impl Prologue {
     /// Freer of the root: marks the chunk freed and says who gives it back.
     #[inline]
     pub(crate) fn free(&self) -> FreerGets {
+        // A sealed chunk is final: its carver has let go and will never look at it again, so
+        // the freer gives it back without marking it (no swap). Acquire pairs with `seal`'s
+        // Release, so the tally read after it is the final one.
+        if self.state.load(Ordering::Acquire) & TAG == SEALED {
+            return FreerGets::GiveBack(Tally::unpack(self.tally.load(Ordering::Relaxed)));
+        }
         // What the carver had published before the free reached this chunk (the chain walk
         // is ordered after the root's close, so every carve the link's caller saw finish is
         // in it); carves racing this free are the carver's to count.

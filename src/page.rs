@@ -81,6 +81,31 @@ unsafe fn set_next(block: *const Header, next: *mut Header) {
     unsafe { ((*block).user() as *mut *mut Header).write(next) };
 }
 
+/// `thread_free` keeps the list's length above the address bits (block addresses are below
+/// 2^47, see `chain::ADDRESS_LIMIT`; a page has far fewer than 2^16 blocks), so that a drain
+/// knows the count without walking blocks another core wrote last.
+const COUNT_SHIFT: u32 = 48;
+
+/// The head and the length of a `thread_free` word.
+#[inline]
+fn unpack_thread_free(word: *mut Header) -> (*mut Header, usize) {
+    (
+        word.map_addr(|addr| addr & ((1 << COUNT_SHIFT) - 1)),
+        word.addr() >> COUNT_SHIFT,
+    )
+}
+
+/// Debug builds: the length of a list of free blocks the caller owns.
+fn list_len(mut block: *mut Header) -> usize {
+    let mut n = 0;
+    while !block.is_null() {
+        n += 1;
+        // SAFETY: the caller owns the list.
+        block = unsafe { next_of(block) };
+    }
+    n
+}
+
 impl Page {
     pub(crate) fn new(area: usize) -> Page {
         Page {
@@ -256,8 +281,10 @@ impl Page {
             return false;
         }
         debug_assert!(self.free.load(Ordering::Relaxed).is_null());
-        let local = self.local_free.swap(ptr::null_mut(), Ordering::Relaxed);
+        // Owner-only list: a load and a store, not a (locked) swap.
+        let local = self.local_free.load(Ordering::Relaxed);
         if !local.is_null() {
+            self.local_free.store(ptr::null_mut(), Ordering::Relaxed);
             self.free.store(local, Ordering::Relaxed);
             return true;
         }
@@ -267,31 +294,34 @@ impl Page {
         self.carve()
     }
 
-    /// Owner: moves `thread_free` to `free` (which must be empty); returns the count.
+    /// Owner: moves `thread_free` to the front of `free`; returns the count.
     pub(crate) fn drain_thread_free(&self) -> usize {
         if self.thread_free.load(Ordering::Relaxed).is_null() {
             return 0;
         }
         // Acquire: pairs with the Release CAS in `push_remote`, so the links are visible.
-        let head = self.thread_free.swap(ptr::null_mut(), Ordering::Acquire);
-        let mut count = 0;
-        let mut tail = head;
-        while !tail.is_null() {
-            count += 1;
-            // SAFETY: the drained list belongs to the owner now.
-            let next = unsafe { next_of(tail) };
-            if next.is_null() {
-                // SAFETY: as above.
-                unsafe { set_next(tail, self.free.load(Ordering::Relaxed)) };
-                break;
+        let word = self.thread_free.swap(ptr::null_mut(), Ordering::Acquire);
+        let (head, count) = unpack_thread_free(word);
+        let free = self.free.load(Ordering::Relaxed);
+        // A refill drains into an empty `free` (the hot case): the list's last link is
+        // already null, so nothing is walked; the cold callers append what `free` had.
+        if !free.is_null() {
+            let mut tail = head;
+            loop {
+                // SAFETY: the drained list belongs to the owner now.
+                let next = unsafe { next_of(tail) };
+                if next.is_null() {
+                    break;
+                }
+                tail = next;
             }
-            tail = next;
+            // SAFETY: as above.
+            unsafe { set_next(tail, free) };
         }
-        if count > 0 {
-            self.free.store(head, Ordering::Relaxed);
-            self.used
-                .store(self.used.load(Ordering::Relaxed) - count, Ordering::Relaxed);
-        }
+        debug_assert_eq!(count, list_len(head) - list_len(free), "thread_free count");
+        self.free.store(head, Ordering::Relaxed);
+        self.used
+            .store(self.used.load(Ordering::Relaxed) - count, Ordering::Relaxed);
         count
     }
 
@@ -334,26 +364,31 @@ impl Page {
         used == 0
     }
 
-    /// Any thread: pushes the list `first ..= last` (linked with `link_blocks`) of this page's
-    /// blocks to `thread_free` with one CAS.
+    /// Any thread: pushes the list `first ..= last` (linked with `link_blocks`) of `count` of
+    /// this page's blocks to `thread_free` with one CAS.
     ///
     /// # Safety
     /// The caller owns every block of the list, and they all belong to this page.
     #[inline]
-    pub(crate) unsafe fn push_remote(&self, first: *const Header, last: *const Header) {
-        let mut head = self.thread_free.load(Ordering::Relaxed);
+    pub(crate) unsafe fn push_remote(&self, first: *const Header, last: *const Header, count: u64) {
+        let mut word = self.thread_free.load(Ordering::Relaxed);
         loop {
+            let (head, queued) = unpack_thread_free(word);
             // SAFETY: the caller owns `last`.
             unsafe { set_next(last, head) };
+            let new = (first as *mut Header).map_addr(|addr| {
+                debug_assert_eq!(addr >> COUNT_SHIFT, 0, "block address above 2^48");
+                addr | (queued + count as usize) << COUNT_SHIFT
+            });
             // Release: pairs with the Acquire swap in `drain_thread_free`.
             match self.thread_free.compare_exchange_weak(
-                head,
-                first as *mut Header,
+                word,
+                new,
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return,
-                Err(seen) => head = seen,
+                Err(seen) => word = seen,
             }
         }
     }

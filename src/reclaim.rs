@@ -190,7 +190,7 @@ impl Reclaim {
             guard.defer_unchecked(move || {
                 for (page, block) in blocks {
                     // SAFETY: as above; each block belongs to its page.
-                    page.push_remote(block, block);
+                    page.push_remote(block, block, 1);
                 }
                 (*this).pending.fetch_sub(1, Ordering::Relaxed);
             })

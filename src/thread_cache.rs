@@ -12,8 +12,9 @@
 //! * allocate_more of at most `CARVE_MAX` bytes, carved from the chunk this thread holds for
 //!   that root: 0 (and no pin). Starting a chunk: 1 CAS to link it, 1 swap to seal the last.
 //! * allocate_more of a larger block: 1 (the link CAS).
-//! * free_buffer of a root: 1 (the win-and-close CAS), plus 1 swap per chunk another thread
-//!   carved, plus 1 CAS per run of consecutive remote blocks of one page in the chain.
+//! * free_buffer of a root: 1 (the win-and-close CAS), plus 1 swap per chunk another thread's
+//!   carver still holds (a sealed chunk costs a load), plus 1 CAS per run of consecutive
+//!   remote blocks of one page in the chain.
 //!   Emptying a page adds an epoch pin.
 //!
 //! Epoch pins, at most one while a call validates and walks: a call on a root in a page this
@@ -934,7 +935,7 @@ impl ThreadCache {
     fn flush_batch(&self, batch: &mut RemoteBatch<'_>) {
         if let Some(page) = batch.page.take() {
             // SAFETY: the batch holds blocks we own, all of `page`, linked first..=last.
-            unsafe { page.push_remote(batch.first, batch.last) };
+            unsafe { page.push_remote(batch.first, batch.last, batch.count) };
             self.count(Counter::RemoteFrees, batch.count);
             batch.hit_abandoned |= page.owner() == 0;
         }

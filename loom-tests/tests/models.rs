@@ -53,6 +53,11 @@ fn finish(heap: Arc<Heap>) {
         0,
         "a chunk was lost or given back twice"
     );
+    assert_eq!(
+        mapialloc::testing::pages_with_blocks_out(&heap),
+        0,
+        "a page miscounted its blocks"
+    );
     drop(Arc::try_unwrap(heap).expect("every thread is done with the heap"));
 }
 
@@ -332,6 +337,42 @@ fn carver_links_to_a_reused_root_address() {
         assert_eq!(free(&heap, again), FreeOutcome::Freed);
         for a in others {
             assert_eq!(free(&heap, a), FreeOutcome::Freed);
+        }
+        finish(heap);
+    });
+}
+
+/// Model 10: two threads free roots of one page at once while its owner allocates: their
+/// pushes race on the page's `thread_free` (which packs the list's length with its head) and
+/// the owner's drain, and the page's count of blocks out must stay exact.
+#[test]
+fn two_threads_free_remotely_to_one_page() {
+    model(|| {
+        let heap = Arc::new(Heap::new());
+        // Three of the page's four blocks; each remote thread frees one.
+        let roots: Vec<usize> = (0..3).map(|_| root(&heap, SMALL)).collect();
+        let remotes: Vec<_> = roots[..2]
+            .iter()
+            .map(|&r| {
+                let heap = heap.clone();
+                thread::spawn(move || {
+                    assert_eq!(free(&heap, r), FreeOutcome::Freed);
+                    heap.release_thread_cache();
+                })
+            })
+            .collect();
+        // The fourth block, then a refill that may drain either remote free or both.
+        let more: Vec<usize> = (0..2).map(|_| root(&heap, SMALL)).collect();
+        for remote in remotes {
+            remote.join().unwrap();
+        }
+        let mut live = vec![roots[2]];
+        live.extend(&more);
+        live.sort();
+        live.dedup();
+        assert_eq!(live.len(), 3, "a block was handed out twice");
+        for r in live {
+            assert_eq!(free(&heap, r), FreeOutcome::Freed);
         }
         finish(heap);
     });
