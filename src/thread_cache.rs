@@ -990,11 +990,15 @@ impl ThreadCache {
     /// [`CATCH_UP_MIN_FLUSHES`]. Retiring only fills this thread's epoch bag; the
     /// first flush here seals it, so a call pays one bag however many pages it retired, and
     /// nothing per block freed.
+    ///
+    /// The current pages stay, even empty: while a page is its owner's current page no other
+    /// thread can carve it for another class, so a root freed twice by its thread (with no
+    /// allocation of that class between) is always told as a double free, never taken for a
+    /// block another thread got since. (Retiring them here cost that: a double free right
+    /// after a free that emptied pages could land on another thread's new block.)
     #[cold]
     #[inline(never)]
     fn catch_up_epoch(&mut self, guard: Option<Guard>) {
-        let guard = guard.unwrap_or_else(|| self.pin());
-        self.retire_empty_current_pages(&guard);
         drop(guard);
         self.retired = false;
         // Loom models flush once: `flush` is safe at any point, and the loop multiplies the
@@ -1005,26 +1009,6 @@ impl ThreadCache {
             return;
         }
         self.flush_epoch(CATCH_UP_MIN_FLUSHES);
-    }
-
-    /// Memory is going back (this call retired a page or span): the current pages with no
-    /// block out go too, so a thread that has freed everything keeps none of its own. (A
-    /// current page is kept when it empties on the fast path, so that a root allocated and
-    /// freed in a loop does not take a page from the pool each time; retirements are rare
-    /// enough that this does not bring that back.)
-    fn retire_empty_current_pages(&mut self, guard: &Guard) {
-        for class in 0..NUM_CLASSES {
-            let Some(page) = self.current[class] else {
-                continue;
-            };
-            // SAFETY: pages on our lists are descriptors of live segments.
-            let page = unsafe { page.as_ref() };
-            // Blocks on `thread_free` count as used, so 0 means every block is on our lists.
-            if page.used() == 0 {
-                self.remove_page(page);
-                self.retire(page, guard);
-            }
-        }
     }
 
     /// Finds the block whose user pointer is `user` and reads its `meta`, without reading

@@ -36,6 +36,11 @@ const MIRI_OPS: u64 = 40;
 /// The largest request a slab page serves (a 16 KiB block minus its 16-byte header).
 const MAX_SMALL: usize = 16 * 1024 - 16;
 
+/// How long a duel's creator waits for its two racers (milliseconds, normally). A racer that
+/// panicked would leave its duel unfinished and every other worker waiting, so the run fails
+/// instead of hanging.
+const DUEL_PATIENCE: Duration = Duration::from_secs(120);
+
 /// Chains a worker holds at most; past it, it frees or gives some away.
 const HELD: usize = 64;
 
@@ -371,8 +376,13 @@ impl Worker<'_> {
         self.inboxes[b]
             .send(Msg::Duel(Arc::clone(&duel), false))
             .expect("inbox");
+        let waiting_since = Instant::now();
         // Acquire: pairs with each racer's Release increment.
         while duel.done.load(Ordering::Acquire) < 2 {
+            assert!(
+                waiting_since.elapsed() < DUEL_PATIENCE,
+                "a duel not finished after {DUEL_PATIENCE:?}: a racer died (see its panic)"
+            );
             // Frees only while we wait: the duel's root must not be reused (module docs).
             match inbox.recv_timeout(Duration::from_millis(1)) {
                 Ok(msg) => self.handle(msg, false),

@@ -166,8 +166,8 @@ fn plain_heap() -> Heap {
 }
 
 /// Pages of 64 KiB that a heap may keep committed with no `collect()` once a free has
-/// retired memory: its idle pool (32, src/reclaim.rs). The thread's current pages, empty now,
-/// go back with the retired ones.
+/// retired memory: its idle pool (32, src/reclaim.rs). The thread keeps its current pages on
+/// top, empty or not (so that a double free on them is always told; see `spec`).
 const IDLE_PAGES: u64 = 32;
 
 /// A free that empties pages hands them to the pool before it returns, when no other thread
@@ -189,8 +189,9 @@ fn a_free_gives_emptied_pages_back_before_returning() {
     );
     assert_eq!(chain.free(), FreeOutcome::Freed);
     let after = heap.stats().os_committed_bytes;
+    // The pool, and the current page of the root's class and of the links'.
     assert!(
-        after <= base + (IDLE_PAGES << 16),
+        after <= base + ((IDLE_PAGES + 2) << 16),
         "{after} bytes committed right after the free: started at {base}, peaked at {peak}"
     );
 }

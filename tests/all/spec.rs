@@ -395,6 +395,57 @@ fn double_free_not_yet_reused() {
     );
 }
 
+/// A root freed twice by its thread, where the first free emptied other pages and handed them
+/// to the pool before returning. The root's page, though empty, is still the thread's current
+/// page, which no other thread can carve for another class: so even after another thread has
+/// taken every page the pool had, the second free is a double free and touches nothing.
+/// (When the first free also gave back its empty current pages, the other thread got this
+/// page, and the second free freed that thread's root sitting at the same address.)
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "another thread takes 40 pages of roots: too slow under Miri"
+)]
+fn double_free_after_a_free_that_gave_pages_back() {
+    let heap = Heap::new();
+    // The root alone on a page of the largest class; its 2,000 links of 300 bytes (blocks of
+    // their own, past the carve limit) fill ten pages of theirs, nine of them emptied by the
+    // free while another is current.
+    let chain = Chain::with_links(&heap, 16 * 1024 - 16, std::iter::repeat_n(300, 2_000), 0);
+    let p = chain.root().ptr();
+    assert_eq!(chain.free(), FreeOutcome::Freed);
+    let (roots, pages) = (40 * 819, 40);
+    let taken: Vec<usize> = std::thread::scope(|s| {
+        s.spawn(|| {
+            // 819 roots of 64 bytes fill a 64 KiB page: this takes 40 pages, past the pool.
+            (0..roots)
+                .map(|_| heap.allocate_buffer(64).expect("memory").as_ptr() as usize)
+                .collect()
+        })
+        .join()
+        .expect("the allocating thread")
+    });
+    assert!(taken.len() >= pages);
+    // SAFETY: `p` was freed, and this thread allocated nothing since: the call must free
+    // nothing, whatever the other thread holds.
+    let outcome = unsafe { heap.free_buffer(p) };
+    assert_eq!(outcome, FreeOutcome::DoubleFree);
+    for r in taken {
+        // SAFETY: each is a live root of `heap`, freed once.
+        assert_eq!(
+            unsafe { heap.free_buffer(r as *mut u8) },
+            FreeOutcome::Freed
+        );
+    }
+    assert_eq!(
+        Counts::of(&heap),
+        Counts {
+            double_frees: 1,
+            ..Counts::default()
+        }
+    );
+}
+
 /// The root freed twice was the only block of its page, which may have retired in between.
 /// Either answer is misuse, counted once, with nothing freed twice; which counter depends on
 /// whether the engine still recognises the page, which the SPEC leaves to it.
