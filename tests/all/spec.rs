@@ -432,10 +432,8 @@ fn double_free_after_a_free_that_gave_pages_back() {
     assert_eq!(outcome, FreeOutcome::DoubleFree);
     for r in taken {
         // SAFETY: each is a live root of `heap`, freed once.
-        assert_eq!(
-            unsafe { heap.free_buffer(r as *mut u8) },
-            FreeOutcome::Freed
-        );
+        let outcome = unsafe { heap.free_buffer(r as *mut u8) };
+        assert_eq!(outcome, FreeOutcome::Freed);
     }
     assert_eq!(
         Counts::of(&heap),
