@@ -61,6 +61,20 @@ fn finish(heap: Arc<Heap>) {
     drop(Arc::try_unwrap(heap).expect("every thread is done with the heap"));
 }
 
+/// Ends a model whose remote frees raced the owner's allocations: the roots still live (kept
+/// ones and those allocated meanwhile) must be distinct blocks; each is freed once.
+fn free_distinct_and_finish(heap: Arc<Heap>, live: impl IntoIterator<Item = usize>) {
+    let mut live: Vec<usize> = live.into_iter().collect();
+    let allocated = live.len();
+    live.sort();
+    live.dedup();
+    assert_eq!(live.len(), allocated, "a block was handed out twice");
+    for r in live {
+        assert_eq!(free(&heap, r), FreeOutcome::Freed);
+    }
+    finish(heap);
+}
+
 /// Model 1: two threads free the same root: exactly one frees it; every block returns once.
 #[test]
 fn two_threads_free_the_same_root() {
@@ -159,15 +173,7 @@ fn remote_frees_while_owner_allocates() {
         // The fourth block, then a refill that may drain the remote frees.
         let more: Vec<usize> = (0..2).map(|_| root(&heap, SMALL)).collect();
         remote.join().unwrap();
-        let mut live = vec![first[2]];
-        live.extend(&more);
-        live.sort();
-        live.dedup();
-        assert_eq!(live.len(), 3, "a block was handed out twice");
-        for r in live {
-            assert_eq!(free(&heap, r), FreeOutcome::Freed);
-        }
-        finish(heap);
+        free_distinct_and_finish(heap, [first[2]].into_iter().chain(more));
     });
 }
 
@@ -366,15 +372,7 @@ fn two_threads_free_remotely_to_one_page() {
         for remote in remotes {
             remote.join().unwrap();
         }
-        let mut live = vec![roots[2]];
-        live.extend(&more);
-        live.sort();
-        live.dedup();
-        assert_eq!(live.len(), 3, "a block was handed out twice");
-        for r in live {
-            assert_eq!(free(&heap, r), FreeOutcome::Freed);
-        }
-        finish(heap);
+        free_distinct_and_finish(heap, [roots[2]].into_iter().chain(more));
     });
 }
 
