@@ -36,8 +36,9 @@
 //! carver still holds a chunk of a freed root.
 //!
 //! The same root address handed out again is never confused with the old root: the freer
-//! marks every chunk `FREED` before it gives the root block back, so a thread that learns of
-//! the new root (through any happens-before edge, as for every allocator) reads `FREED`.
+//! marks every chunk a carver still holds `FREED` before it gives the root block back, so a
+//! thread that learns of the new root (through any happens-before edge, as for every
+//! allocator) reads `FREED`. A sealed chunk is left unmarked: no carver refers to it.
 
 use crate::chain::Header;
 use crate::sync::{AtomicU64, Ordering};

@@ -95,8 +95,20 @@ fn unpack_thread_free(word: *mut Header) -> (*mut Header, usize) {
     )
 }
 
-/// Debug builds: the length of a list of free blocks the caller owns.
-fn list_len(mut block: *mut Header) -> usize {
+/// A `thread_free` word for the list starting at `head` with `count` blocks.
+#[inline]
+fn pack_thread_free(head: *mut Header, count: usize) -> *mut Header {
+    head.map_addr(|addr| {
+        debug_assert_eq!(addr >> COUNT_SHIFT, 0, "block address above 2^48");
+        addr | count << COUNT_SHIFT
+    })
+}
+
+/// Debug checks: the length of a list of free blocks.
+///
+/// # Safety
+/// The caller owns the list (every block on it, linked through `next_of`, ending in null).
+unsafe fn list_len(mut block: *mut Header) -> usize {
     let mut n = 0;
     while !block.is_null() {
         n += 1;
@@ -318,7 +330,11 @@ impl Page {
             // SAFETY: as above.
             unsafe { set_next(tail, free) };
         }
-        debug_assert_eq!(count, list_len(head) - list_len(free), "thread_free count");
+        if cfg!(debug_assertions) {
+            // SAFETY: `head` (with `free` appended) and `free` are the owner's lists now.
+            let drained = unsafe { list_len(head) - list_len(free) };
+            debug_assert_eq!(count, drained, "thread_free count");
+        }
         self.free.store(head, Ordering::Relaxed);
         self.used
             .store(self.used.load(Ordering::Relaxed) - count, Ordering::Relaxed);
@@ -376,10 +392,7 @@ impl Page {
             let (head, queued) = unpack_thread_free(word);
             // SAFETY: the caller owns `last`.
             unsafe { set_next(last, head) };
-            let new = (first as *mut Header).map_addr(|addr| {
-                debug_assert_eq!(addr >> COUNT_SHIFT, 0, "block address above 2^48");
-                addr | (queued + count as usize) << COUNT_SHIFT
-            });
+            let new = pack_thread_free(first as *mut Header, queued + count as usize);
             // Release: pairs with the Acquire swap in `drain_thread_free`.
             match self.thread_free.compare_exchange_weak(
                 word,
@@ -398,17 +411,13 @@ impl Page {
         if !cfg!(debug_assertions) {
             return;
         }
-        let count = |mut b: *mut Header| {
-            let mut n = 0;
-            while !b.is_null() {
-                n += 1;
-                // SAFETY: the owner's lists hold free blocks it owns.
-                b = unsafe { next_of(b) };
-            }
-            n
+        // SAFETY: the owner's lists hold free blocks it owns.
+        let (free, local) = unsafe {
+            (
+                list_len(self.free.load(Ordering::Relaxed)),
+                list_len(self.local_free.load(Ordering::Relaxed)),
+            )
         };
-        let free = count(self.free.load(Ordering::Relaxed));
-        let local = count(self.local_free.load(Ordering::Relaxed));
         let reserved = self.reserved.load(Ordering::Relaxed);
         debug_assert_eq!(
             self.used() + free + local,
