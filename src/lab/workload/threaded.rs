@@ -5,6 +5,7 @@ use super::shape::{self, chain, free, link, root, SendRoot};
 use super::{time_rounds, Sample};
 use crate::lab::rng::SplitMix64;
 use crate::lab::strategy::Strategy;
+use crossbeam_utils::Backoff;
 use std::collections::VecDeque;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
@@ -14,6 +15,14 @@ use std::time::{Duration, Instant};
 
 /// Roots in flight between the two threads of `cross-thread-rowset`.
 const CROSS_THREAD_QUEUE: usize = 2;
+/// How long the freeing thread of `cross-thread-rowset` polls for the next root before it
+/// parks. A strategy whose frees outpace its builds leaves that thread idle between roots.
+/// Parking at once made every root wait for a thread wake-up (about 25 us on our 2-vCPU KVM
+/// machine, several times what the engine takes to build a root), so the workload timed the
+/// scheduler: the engine measured 24-27 ns/block, against 6.5 once the wake-ups stopped
+/// mattering. Strategies whose freeing thread is the busy one rarely wait here, so polling
+/// does not move their numbers (README, "The lab").
+const CROSS_THREAD_POLL: Duration = Duration::from_micros(200);
 
 /// 24 B blocks each thread links to the shared root per round.
 pub(super) const SHARED_LINKS_PER_THREAD: u64 = 5_000;
@@ -49,6 +58,7 @@ pub(super) fn cross_thread_rowset<S: Strategy>(s: &S, budget: Duration) -> Sampl
         s,
         budget,
         CROSS_THREAD_QUEUE,
+        CROSS_THREAD_POLL,
         1 + shape::FLAT_ROWSET_LINKS as u64,
         1,
         || shape::flat_rowset(s, &mut rng),
@@ -62,6 +72,8 @@ pub(super) fn pipeline<S: Strategy>(s: &S, budget: Duration) -> Sample {
         s,
         budget,
         PIPELINE_QUEUE,
+        // Waits at once, as before polling existed: the 256-root queue rarely runs dry.
+        Duration::ZERO,
         1 + PIPELINE_LINKS as u64,
         64,
         || {
@@ -72,11 +84,13 @@ pub(super) fn pipeline<S: Strategy>(s: &S, budget: Duration) -> Sample {
 }
 
 /// Builds roots with `build` on this thread and frees them on another, through a channel of
-/// `queue` roots, until `budget` has passed (looking at the clock every `batch` roots).
+/// `queue` roots, until `budget` has passed (looking at the clock every `batch` roots). The
+/// freeing thread polls an empty channel for up to `poll` (backing off) before it parks.
 fn hand_off<S: Strategy>(
     s: &S,
     budget: Duration,
     queue: usize,
+    poll: Duration,
     blocks_per_root: u64,
     batch: usize,
     mut build: impl FnMut() -> NonNull<u8>,
@@ -86,7 +100,7 @@ fn hand_off<S: Strategy>(
     let mut roots = 0;
     thread::scope(|scope| {
         scope.spawn(move || {
-            for SendRoot(r) in rx {
+            while let Some(SendRoot(r)) = receive(&rx, poll) {
                 free(s, r);
             }
         });
@@ -105,6 +119,30 @@ fn hand_off<S: Strategy>(
     Sample {
         blocks: roots * blocks_per_root,
         elapsed: start.elapsed(),
+    }
+}
+
+/// The next message of `rx`: polled (with backoff) for up to `poll`, then waited for. `None`
+/// once the sender is gone. The clock is read only while the channel is empty: a read per
+/// message cost the pipeline (7 blocks a root) several ns per block.
+fn receive<T>(rx: &mpsc::Receiver<T>, poll: Duration) -> Option<T> {
+    if poll.is_zero() {
+        return rx.recv().ok();
+    }
+    let backoff = Backoff::new();
+    let mut give_up = None;
+    loop {
+        match rx.try_recv() {
+            Ok(message) => return Some(message),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) => {
+                let now = Instant::now();
+                if now >= *give_up.get_or_insert(now + poll) {
+                    return rx.recv().ok();
+                }
+                backoff.snooze();
+            }
+        }
     }
 }
 
@@ -285,4 +323,28 @@ pub(super) fn thread_churn<S: Strategy>(s: &S, budget: Duration) -> Sample {
         });
         (THREAD_CHURN_THREADS * THREAD_CHURN_ROOTS) as u64
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receive_polls_then_waits_and_ends_when_the_sender_goes() {
+        for poll in [Duration::ZERO, Duration::from_micros(50)] {
+            let (tx, rx) = mpsc::sync_channel(2);
+            thread::scope(|scope| {
+                scope.spawn(move || {
+                    tx.send(1).unwrap();
+                    // Longer than the poll window: the receiver must have fallen back to
+                    // waiting, and still gets the message.
+                    thread::sleep(Duration::from_millis(20));
+                    tx.send(2).unwrap();
+                });
+                assert_eq!(receive(&rx, poll), Some(1));
+                assert_eq!(receive(&rx, poll), Some(2));
+                assert_eq!(receive(&rx, poll), None, "the sender is gone");
+            });
+        }
+    }
 }
