@@ -230,10 +230,9 @@ impl Header {
     pub(crate) fn close(&self, seen: Meta) -> Option<Chain> {
         let mut word = self.link.load(Ordering::Relaxed);
         let generation = word & GENERATION;
-        loop {
-            if word & TAGS != 0 || word & GENERATION != generation {
-                return None;
-            }
+        // Until the CAS lands, a word with a tag (closed) or another generation (freed and
+        // handed out again) means that someone else won.
+        while word & TAGS == 0 {
             #[cfg(not(mapialloc_fault = "open_close"))]
             // Acquire: pairs with the Release CAS in `link()`, making every linked header
             // visible to the walk.
@@ -260,9 +259,11 @@ impl Header {
                         next: word & ADDRESS,
                     });
                 }
-                Err(seen) => word = seen,
+                Err(now) if now & GENERATION == generation => word = now,
+                Err(_) => return None,
             }
         }
+        None
     }
 }
 

@@ -17,7 +17,7 @@
 //! Locked instructions: pop and local push none; a remote batch push one CAS per attempt; a
 //! drain one swap.
 
-use crate::chain::{Header, Meta};
+use crate::chain::{Header, Meta, HEADER_SIZE};
 use crate::segment::{PAGE_MAX_BLOCKS, PAGE_SIZE};
 use crate::size_class::block_size;
 use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
@@ -216,6 +216,31 @@ impl Page {
         let (header, meta) = self.block_containing(user)?;
         // Interior pointers are refused: only the block's own user pointer names it.
         (header.user() as usize == user).then_some((header, meta))
+    }
+
+    /// `block_at` for the page's owner. Only the owner changes the layout (`init`, `carve`),
+    /// so it reads the layout once, without the re-check that other threads need.
+    #[inline]
+    pub(crate) fn block_at_owned(&self, user: usize) -> Option<(&Header, Meta)> {
+        // A pointer below the page wraps to a large offset and fails the bound as well.
+        let offset = user.wrapping_sub(self.area);
+        if offset >= PAGE_SIZE {
+            return None;
+        }
+        // As in `block_containing`: the reciprocal gives the exact quotient.
+        let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
+        if index >= self.reserved.load(Ordering::Relaxed) {
+            return None;
+        }
+        let header = self.area + index * self.block_size.load(Ordering::Relaxed);
+        // Interior pointers are refused, as in `block_at`.
+        if header + HEADER_SIZE != user {
+            return None;
+        }
+        // SAFETY: block `index` was carved (by this thread), so its header was written, and
+        // the page's memory stays mapped while the heap lives.
+        let header: &Header = unsafe { &*std::ptr::with_exposed_provenance(header) };
+        Some((header, header.meta()))
     }
 
     /// The header and `meta` of the carved block that contains `user` (anywhere in it). Any

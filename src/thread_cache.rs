@@ -209,6 +209,15 @@ enum Home {
     Span(*const LargeSpan),
 }
 
+/// A block `locate` found: its header, its `meta` as read, where it lives, and whether its
+/// page is this cache's own.
+struct Located {
+    header: &'static Header,
+    meta: Meta,
+    home: Home,
+    owned: bool,
+}
+
 /// Blocks of one page waiting to be pushed to its `thread_free` with one CAS.
 struct RemoteBatch<'a> {
     page: Option<&'a Page>,
@@ -409,7 +418,7 @@ impl ThreadCache {
         }
         let mut guard = None;
         let root = match self.locate(parent as usize, &mut guard) {
-            Some((header, meta, _)) if meta.kind() == Some(Kind::Root) => header,
+            Some(found) if found.meta.kind() == Some(Kind::Root) => found.header,
             _ => {
                 if parent as usize == self.carvers[0].root {
                     let carver = std::mem::replace(&mut self.carvers[0], Carver::EMPTY);
@@ -691,7 +700,13 @@ impl ThreadCache {
             return FreeOutcome::Null;
         }
         let mut guard = None;
-        let Some((root, meta, home)) = self.locate(user as usize, &mut guard) else {
+        let Some(Located {
+            header: root,
+            meta,
+            home,
+            owned,
+        }) = self.locate(user as usize, &mut guard)
+        else {
             return self.misuse(self.classify_interior(user as usize));
         };
         match meta.kind() {
@@ -709,8 +724,8 @@ impl ThreadCache {
         };
         // Half of all roots never get a child: a lone root on a page of ours goes straight
         // back to the local free list.
-        if let (true, Home::Page(page)) = (chain.is_empty(), home) {
-            if page.owner() == self.id && !self.hardened() {
+        if let (true, true, Home::Page(page)) = (chain.is_empty(), owned, home) {
+            if !self.hardened() {
                 let class = meta.class() as usize;
                 if page.push_local(root) && self.current[class] != Some(NonNull::from(page)) {
                     self.page_emptied(page, &mut guard);
@@ -1018,23 +1033,30 @@ impl ThreadCache {
     /// no pin. Any other page could be retired and re-initialised for another class while we
     /// check and then CAS its header: pinning first (into `guard`) makes that wait for us.
     #[inline(always)]
-    fn locate(
-        &self,
-        user: usize,
-        guard: &mut Option<Guard>,
-    ) -> Option<(&'static Header, Meta, Home)> {
+    fn locate(&self, user: usize, guard: &mut Option<Guard>) -> Option<Located> {
         if user % ALIGN != 0 {
             return None;
         }
         match self.shared.registry.lookup(user)? {
             Region::Small(segment) => {
                 let page = extend(segment.page_of(user));
+                // Only this thread hands its own pages on, so `owned` cannot change under us.
+                let owned = page.owner() == self.id;
                 // Hardened heaps pin on every call, so quarantine covers every racing call.
-                if (self.hardened() || page.owner() != self.id) && guard.is_none() {
+                if (self.hardened() || !owned) && guard.is_none() {
                     *guard = Some(self.pin());
                 }
-                let (header, meta) = page.block_at(user)?;
-                Some((extend(header), meta, Home::Page(page)))
+                let (header, meta) = if owned {
+                    page.block_at_owned(user)?
+                } else {
+                    page.block_at(user)?
+                };
+                Some(Located {
+                    header: extend(header),
+                    meta,
+                    home: Home::Page(page),
+                    owned,
+                })
             }
             Region::Large(_) => self.locate_large(user, guard),
         }
@@ -1050,11 +1072,7 @@ impl ThreadCache {
     /// `locate` for a large span: pins (into `guard`) and looks again, since an entry seen
     /// while pinned stays readable until we unpin.
     #[cold]
-    fn locate_large(
-        &self,
-        user: usize,
-        guard: &mut Option<Guard>,
-    ) -> Option<(&'static Header, Meta, Home)> {
+    fn locate_large(&self, user: usize, guard: &mut Option<Guard>) -> Option<Located> {
         guard.get_or_insert_with(|| self.pin());
         let Region::Large(span) = self.shared.registry.lookup(user)? else {
             return None;
@@ -1066,7 +1084,12 @@ impl ThreadCache {
         }
         // SAFETY: the span starts with a header written before it was registered.
         let header = unsafe { &*Header::of_user(user) };
-        Some((header, header.meta(), Home::Span(span)))
+        Some(Located {
+            header,
+            meta: header.meta(),
+            home: Home::Span(span),
+            owned: false,
+        })
     }
 
     // ----- maintenance -----
