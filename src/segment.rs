@@ -206,6 +206,8 @@ impl SmallSegment {
     pub(crate) fn map() -> Option<Box<SmallSegment>> {
         // Exposed: blocks are addressed by integer arithmetic on the mapping (see `Header::user`).
         let base = os::map_aligned(SEGMENT_SIZE)?.expose_provenance();
+        // `page_of` relies on it.
+        debug_assert_eq!(base % SEGMENT_SIZE, 0, "segments are aligned to their size");
         Some(Box::new(SmallSegment {
             base,
             pages: std::array::from_fn(|i| Page::new(base + i * PAGE_SIZE)),
@@ -219,8 +221,10 @@ impl SmallSegment {
     /// The page holding `addr` (which lies in this segment).
     #[inline]
     pub(crate) fn page_of(&self, addr: usize) -> &Page {
-        // The mask is a no-op for addresses in the segment and spares the bounds check.
-        &self.pages[((addr - self.base) >> PAGE_SHIFT) & (PAGES_PER_SEGMENT - 1)]
+        // The segment is aligned to its size, so the page index is bits of the address itself:
+        // no load of `base` on the way from a pointer to its page (each load on the free path
+        // waits for the one before). The mask spares the bounds check.
+        &self.pages[(addr >> PAGE_SHIFT) & (PAGES_PER_SEGMENT - 1)]
     }
 }
 
