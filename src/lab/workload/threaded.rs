@@ -19,9 +19,9 @@ const CROSS_THREAD_QUEUE: usize = 2;
 /// parks. A strategy whose frees outpace its builds leaves that thread idle between roots.
 /// Parking at once made every root wait for a thread wake-up (about 25 us on our 2-vCPU KVM
 /// machine, several times what the engine takes to build a root), so the workload timed the
-/// scheduler: the engine measured 24-27 ns/block, against 6.5 once the wake-ups stopped
-/// mattering. Strategies whose freeing thread is the busy one rarely wait here, so polling
-/// does not move their numbers (README, "The lab").
+/// scheduler: the engine measured 24-27 ns/block, against 5-6 with polling. Strategies whose
+/// freeing thread is the busy one rarely wait here, so polling does not move their numbers
+/// (README, "Reading the table").
 const CROSS_THREAD_POLL: Duration = Duration::from_micros(200);
 
 /// 24 B blocks each thread links to the shared root per round.
@@ -123,8 +123,9 @@ fn hand_off<S: Strategy>(
 }
 
 /// The next message of `rx`: polled (with backoff) for up to `poll`, then waited for. `None`
-/// once the sender is gone. The clock is read only while the channel is empty: a read per
-/// message cost the pipeline (7 blocks a root) several ns per block.
+/// once the sender is gone. With no poll window it just waits, and the clock is read only
+/// while the channel is empty: a first version that read the clock and tried `try_recv` for
+/// every message cost `pipeline` (7 blocks a root) several ns per block, every strategy.
 fn receive<T>(rx: &mpsc::Receiver<T>, poll: Duration) -> Option<T> {
     if poll.is_zero() {
         return rx.recv().ok();
