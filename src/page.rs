@@ -218,6 +218,16 @@ impl Page {
         (header.user() as usize == user).then_some((header, meta))
     }
 
+    /// The index of the block at byte `offset` of the page, for an offset below `PAGE_SIZE`
+    /// (larger ones give garbage, which the callers' bound checks refuse). Relaxed: the
+    /// reciprocal is read with the block size it belongs to (see the callers).
+    #[inline]
+    fn index_of(&self, offset: usize) -> usize {
+        // offset < PAGE_SIZE <= 2^16 and size < 2^16, so the reciprocal gives the exact
+        // quotient.
+        offset.wrapping_mul(self.block_reciprocal.load(Ordering::Relaxed)) >> 32
+    }
+
     /// `block_at` for the page's owner. Only the owner changes the layout (`init`, `carve`),
     /// so it reads the layout once, without the re-check that other threads need.
     #[inline]
@@ -227,8 +237,8 @@ impl Page {
         if offset >= PAGE_SIZE {
             return None;
         }
-        // As in `block_containing`: the reciprocal gives the exact quotient.
-        let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
+        // Relaxed, here and below: this thread wrote the layout itself (no other thread does).
+        let index = self.index_of(offset);
         if index >= self.reserved.load(Ordering::Relaxed) {
             return None;
         }
@@ -252,9 +262,7 @@ impl Page {
         // the headers they describe.
         let size = self.block_size.load(Ordering::Acquire);
         let offset = user.checked_sub(self.area)?;
-        // offset < PAGE_SIZE <= 2^16 and size < 2^16, so the reciprocal gives the exact
-        // quotient.
-        let index = (offset * self.block_reciprocal.load(Ordering::Relaxed)) >> 32;
+        let index = self.index_of(offset);
         // Acquire (`reserved`): pairs with the Release store in `carve`: headers below it exist.
         if size == 0 || offset >= PAGE_SIZE || index >= self.reserved.load(Ordering::Acquire) {
             return None;
