@@ -1245,15 +1245,14 @@ impl ThreadCache {
 impl Drop for ThreadCache {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        let shared = self.shared.clone();
         // Relaxed: these only decide whether to flush again, never what is safe to reuse.
-        let others_exiting = shared.exiting.fetch_add(1, Relaxed) > 0;
-        let begun = shared.exits_begun.fetch_add(1, Relaxed);
+        let others_exiting = self.shared.exiting.fetch_add(1, Relaxed) > 0;
+        let begun = self.shared.exits_begun.fetch_add(1, Relaxed);
         self.abandon_all();
         // SAFETY: the slot is ours and lives as long as `shared`.
-        shared.stats.release(unsafe { self.stats.as_ref() });
-        let last = shared.exiting.fetch_sub(1, Relaxed) == 1;
-        let joined_later = shared.exits_begun.load(Relaxed) != begun + 1;
+        self.shared.stats.release(unsafe { self.stats.as_ref() });
+        let last = self.shared.exiting.fetch_sub(1, Relaxed) == 1;
+        let joined_later = self.shared.exits_begun.load(Relaxed) != begun + 1;
         if last && (others_exiting || joined_later) {
             self.settle_on_exit();
         }

@@ -228,6 +228,14 @@ fn a_chain_freed_in_a_loop_reuses_committed_pages() {
     );
 }
 
+/// The bytes `heap` has committed now, and how many of them a `collect()` gives back: pages
+/// retired or abandoned on the way out that no call has pooled yet.
+fn committed_and_left_to_collect(heap: &Heap) -> (u64, u64) {
+    let left = heap.stats().os_committed_bytes;
+    heap.collect();
+    (left, left - heap.stats().os_committed_bytes)
+}
+
 /// Threads that free everything and exit at the same moment give the memory back with no
 /// later call on the heap: no `collect()`, nothing on this thread. Each exiting thread can find
 /// the other inside its own exit and unable to let the epoch advance; the last one out must
@@ -274,11 +282,7 @@ fn threads_exiting_together_leave_no_memory_behind() {
             }
         });
         assert_eq!(Counts::of(&heap), Counts::default());
-        let left = heap.stats().os_committed_bytes;
-        // What a later call would still have given back: pages retired on the way out whose
-        // grace period nobody saw end.
-        heap.collect();
-        let pending = left - heap.stats().os_committed_bytes;
+        let (left, pending) = committed_and_left_to_collect(&heap);
         assert!(
             pending == 0 && left <= SLACK,
             "round {round}: {left} bytes still committed after both threads freed everything \
@@ -326,9 +330,7 @@ fn a_free_pools_an_abandoned_page_under_others() {
         }
     });
     assert_eq!(Counts::of(&heap), Counts::default());
-    let left = heap.stats().os_committed_bytes;
-    heap.collect();
-    let pending = left - heap.stats().os_committed_bytes;
+    let (left, pending) = committed_and_left_to_collect(&heap);
     assert_eq!(
         pending, 0,
         "{left} bytes committed after everything was freed, {pending} of them given back \
