@@ -235,6 +235,9 @@ impl Heap {
 
     /// What thread exit does, now: the calling thread's cache for this heap lets go of its
     /// pages (empty ones to the pool, the others abandoned for another thread to adopt).
+    /// When no other thread holds a cache of the heap any more (each has exited or called
+    /// this), the idle pool also shrinks from up to 2 MiB to 1 MiB: no thread may come to
+    /// reuse it.
     pub fn release_thread_cache(&self) {
         let _ = CACHES.try_with(|caches| {
             LAST.with(|last| last.set(NO_CACHE));

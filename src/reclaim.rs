@@ -207,17 +207,34 @@ impl Reclaim {
         self.pending.fetch_sub(1, Ordering::Relaxed);
         // A retired page was in use, so it is committed.
         if self.pool_pages.load(Ordering::Relaxed) >= POOL_COMMITTED_PAGES {
-            if page.mark_committed(false) {
-                // SAFETY: the page is empty and in no one's hands: its memory holds no data.
-                unsafe { os::decommit(page.area(), PAGE_SIZE) };
-                self.committed.sub(PAGE_SIZE);
-            }
-            self.cold.push(page);
+            self.push_cold(page);
         } else {
             debug_assert!(page.is_committed());
             self.pool_pages.fetch_add(1, Ordering::Relaxed);
             self.pool.push(page);
         }
+    }
+
+    /// Decommits pooled pages until at most `keep` are left: a heap that no thread uses keeps
+    /// no idle memory for a thread that may never come (see `ThreadCache::leave_heap_idle`).
+    pub(crate) fn trim_pool(&self, keep: usize) {
+        while self.pool_pages.load(Ordering::Relaxed) > keep {
+            let Some(page) = self.pool.pop() else {
+                break;
+            };
+            self.pool_pages.fetch_sub(1, Ordering::Relaxed);
+            self.push_cold(page);
+        }
+    }
+
+    /// Decommits an empty page that no one holds and puts it on the cold stack.
+    fn push_cold(&self, page: &Page) {
+        if page.mark_committed(false) {
+            // SAFETY: the page is empty and in no one's hands: its memory holds no data.
+            unsafe { os::decommit(page.area(), PAGE_SIZE) };
+            self.committed.sub(PAGE_SIZE);
+        }
+        self.cold.push(page);
     }
 
     /// Unmaps a large span (already out of the registry) after a grace period; the caller

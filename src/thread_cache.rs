@@ -70,6 +70,10 @@ const CATCH_UP_MIN_FLUSHES: usize = 3;
 /// threads to unregister, not for threads inside calls (those catch up themselves).
 const EXIT_SETTLE_ROUNDS: usize = 4;
 
+/// Idle pages a heap keeps committed once no thread cache is left on it (see
+/// `leave_heap_idle`); while threads use it, the pool keeps up to 32 (`reclaim`).
+const IDLE_HEAP_POOL_PAGES: usize = 16;
+
 /// Hardened builds: blocks a cache quarantines before handing them to the epoch at once.
 #[cfg(feature = "hardened")]
 const QUARANTINE_BATCH: usize = 64;
@@ -104,6 +108,9 @@ pub(crate) struct Shared {
     /// skip that), never what is safe to reuse.
     exiting: std::sync::atomic::AtomicUsize,
     exits_begun: std::sync::atomic::AtomicUsize,
+    /// Thread caches alive: the last one to go leaves the heap idle (see `leave_heap_idle`).
+    /// A std atomic for the same reason as `exiting`.
+    attached: std::sync::atomic::AtomicUsize,
     /// Set when the `Heap` handle is dropped: caches of other threads let go at their next chance.
     pub(crate) dropped: AtomicBool,
     /// Hardened builds: whether this heap quarantines, checks and zeroes (see `Heap::hardened`).
@@ -125,6 +132,7 @@ impl Shared {
             next_cache_id: AtomicUsize::new(1),
             exiting: std::sync::atomic::AtomicUsize::new(0),
             exits_begun: std::sync::atomic::AtomicUsize::new(0),
+            attached: std::sync::atomic::AtomicUsize::new(0),
             dropped: AtomicBool::new(false),
             #[cfg(feature = "hardened")]
             hardened,
@@ -334,6 +342,10 @@ pub(crate) struct ThreadCache {
 
 impl ThreadCache {
     pub(crate) fn new(shared: Arc<Shared>) -> ThreadCache {
+        // Relaxed: only decides whether the last cache to go tidies up (see `Drop`).
+        shared
+            .attached
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ThreadCache {
             id: shared.next_cache_id.fetch_add(1, Ordering::Relaxed),
             current: [None; NUM_CLASSES],
@@ -1205,6 +1217,29 @@ impl ThreadCache {
         }
     }
 
+    /// Thread exit, when no other thread cache is left on the heap: settles what the exits
+    /// left behind, then trims the idle pool to [`IDLE_HEAP_POOL_PAGES`].
+    ///
+    /// * Returns still pending run first (`settle_on_exit`): threads that exited just before
+    ///   may have held the epoch back for each other.
+    /// * Abandoned pages that fell empty are pooled (the top [`ADOPT_AFTER_FREE`] are looked
+    ///   at): in hardened builds an exiting thread's last quarantine batch can reach its pages
+    ///   only after they were abandoned, and no later call may come to adopt them.
+    /// * The idle pool is kept for threads that come next; with none attached, the next one
+    ///   may never come (a provider whose worker threads finished), so the pool gives its
+    ///   pages back. A thread that comes later faults in what it touches, as on a new heap.
+    fn leave_heap_idle(&mut self) {
+        if cfg!(loom) {
+            return;
+        }
+        self.settle_on_exit();
+        // Adopted pages with live blocks go back to the abandoned stack just below.
+        self.reclaim_abandoned();
+        self.abandon_all();
+        self.settle_on_exit();
+        self.shared.reclaim.trim_pool(IDLE_HEAP_POOL_PAGES);
+    }
+
     /// Thread exit: empty pages go to the pool, the others are abandoned for adoption.
     fn abandon_all(&mut self) {
         self.release_carvers(&mut None);
@@ -1249,13 +1284,17 @@ impl Drop for ThreadCache {
         let others_exiting = self.shared.exiting.fetch_add(1, Relaxed) > 0;
         let begun = self.shared.exits_begun.fetch_add(1, Relaxed);
         self.abandon_all();
-        // SAFETY: the slot is ours and lives as long as `shared`.
-        self.shared.stats.release(unsafe { self.stats.as_ref() });
         let last = self.shared.exiting.fetch_sub(1, Relaxed) == 1;
         let joined_later = self.shared.exits_begun.load(Relaxed) != begun + 1;
-        if last && (others_exiting || joined_later) {
+        let attached = self.shared.attached.fetch_sub(1, Relaxed) - 1;
+        // A heap being dropped is torn down next: nothing to tidy.
+        if attached == 0 && !self.shared.dropped.load(Ordering::Relaxed) {
+            self.leave_heap_idle();
+        } else if last && (others_exiting || joined_later) {
             self.settle_on_exit();
         }
+        // SAFETY: the slot is ours and lives as long as `shared`.
+        self.shared.stats.release(unsafe { self.stats.as_ref() });
     }
 }
 

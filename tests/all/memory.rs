@@ -240,11 +240,10 @@ fn committed_and_left_to_collect(heap: &Heap) -> (u64, u64) {
 /// later call on the heap: no `collect()`, nothing on this thread. Each exiting thread can find
 /// the other inside its own exit and unable to let the epoch advance; the last one out must
 /// still see the retired pages home. (The lab's `churn` at 2 threads left 4-5 MiB committed in
-/// about 1 run in 25 before the last thread out caught up again.)
-///
-/// On a heap without quarantine: in hardened builds a thread's last quarantine batch can still
-/// reach its pages after both threads have left (when the other thread's exit holds the epoch
-/// back), and those pages then wait for a later call (CI's debug run: 1 round in 30).
+/// about 1 run in 25 before the last thread out caught up again.) In hardened builds a thread's
+/// last quarantine batch can reach its pages only after both threads have left (when the other
+/// thread's exit holds the epoch back): the last thread out pools those pages too (CI's debug
+/// run left them committed in 1 round in 30 before it did).
 #[test]
 fn threads_exiting_together_leave_no_memory_behind() {
     const THREADS: usize = 2;
@@ -252,7 +251,7 @@ fn threads_exiting_together_leave_no_memory_behind() {
     const BYTES: u64 = scaled(6 << 20, 256 << 10) as u64;
     const ROUNDS: usize = scaled(30, 2);
     for round in 0..ROUNDS {
-        let heap = plain_heap();
+        let heap = Heap::new();
         let all_freed = std::sync::Barrier::new(THREADS);
         thread::scope(|s| {
             let threads: Vec<_> = (0..THREADS)
@@ -289,6 +288,42 @@ fn threads_exiting_together_leave_no_memory_behind() {
              and exited, {pending} of them given back only by a later collect()"
         );
     }
+}
+
+/// Pages of 64 KiB a heap keeps committed once no thread uses it (src/thread_cache.rs).
+const IDLE_HEAP_PAGES: u64 = 16;
+
+/// The idle pool is there for threads that use the heap: while one does, it stays full (32
+/// pages); when the last one leaves (here by `release_thread_cache`, as at thread exit), the
+/// pool keeps only 16 pages, with no later call needed.
+#[test]
+#[cfg_attr(miri, ignore = "100 pages of blocks: too slow under Miri")]
+fn the_last_thread_to_leave_a_heap_trims_its_idle_pool() {
+    let heap = plain_heap();
+    // This thread stays on the heap while another one fills the pool and exits.
+    let anchor = heap.allocate_buffer(64).expect("memory");
+    thread::scope(|s| {
+        s.spawn(|| {
+            let chain = Chain::with_links(&heap, 64, std::iter::repeat_n(300, 20_000), 0);
+            assert_eq!(chain.free(), FreeOutcome::Freed);
+        })
+        .join()
+        .expect("thread panicked");
+    });
+    let kept = heap.stats().os_committed_bytes;
+    assert!(
+        kept >= IDLE_PAGES << 16,
+        "{kept} bytes committed with a thread still on the heap: the pool was not full"
+    );
+    // SAFETY: `anchor` is a live root, unused hereafter.
+    let freed = unsafe { heap.free_buffer(anchor.as_ptr()) };
+    assert_eq!(freed, FreeOutcome::Freed);
+    heap.release_thread_cache();
+    let idle = heap.stats().os_committed_bytes;
+    assert!(
+        idle <= IDLE_HEAP_PAGES << 16,
+        "{idle} bytes committed after the last thread left the heap (was {kept})"
+    );
 }
 
 /// A free that empties an abandoned page pools it even when pages of another exited thread,
