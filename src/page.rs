@@ -20,7 +20,7 @@
 //! A descriptor spans three cache lines, split by who writes them: the layout, which
 //! validators on any thread read and which changes only when the page is carved or changes
 //! hands; the owner's lists, written on every pop and local free; and `thread_free`, which
-//! other threads CAS. In one line (104 bytes, lines shared with the neighbouring page), every
+//! other threads CAS. As one 104-byte struct (lines shared with the neighbouring page), every
 //! remote free took the line the owner pops from, and every pop the line the next remote
 //! validation reads. Split this way, the lab's pipeline went from 36-38 to 26-27 ns/block and
 //! churn at 2 threads from 19-22 to 17-18 (three alternations, 2026-11-30); separating
@@ -83,8 +83,9 @@ struct OwnerLists {
 const _: () = assert!(std::mem::size_of::<Page>() == 3 * 64);
 
 /// A value alone on a 64-byte cache line. Not `crossbeam_utils::CachePadded`, which pads to
-/// 128 bytes on x86-64 (for the adjacent-line prefetcher): 64 measured the same in the lab
-/// here and keeps a segment's 64 descriptors at 12 KiB instead of 24 (6.5 in one line).
+/// 128 bytes on x86-64 (for the adjacent-line prefetcher): with it, the lab's pipeline ran
+/// 1-2 ns/block faster but thread-churn 40% slower (800-820 against 567-578 ns/block, not
+/// understood), and a segment's 64 descriptors took 24 KiB instead of 12 (6.5 unsplit).
 #[repr(align(64))]
 struct CacheLine<T>(T);
 

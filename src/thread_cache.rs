@@ -342,11 +342,7 @@ pub(crate) struct ThreadCache {
 
 impl ThreadCache {
     pub(crate) fn new(shared: Arc<Shared>) -> ThreadCache {
-        // Relaxed: only decides whether the last cache to go tidies up (see `Drop`).
-        shared
-            .attached
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ThreadCache {
+        let cache = ThreadCache {
             id: shared.next_cache_id.fetch_add(1, Ordering::Relaxed),
             current: [None; NUM_CLASSES],
             pages: std::array::from_fn(|_| Vec::new()),
@@ -358,7 +354,13 @@ impl ThreadCache {
             quarantine: Vec::with_capacity(QUARANTINE_BATCH),
             handle: shared.collector.register(),
             shared,
-        }
+        };
+        // Relaxed: only decides whether the last cache to go tidies up (see `Drop`).
+        cache
+            .shared
+            .attached
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cache
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
