@@ -43,8 +43,8 @@ const CARVE_BATCH: usize = 16;
 /// 2 of 9 runs (not understood).
 #[repr(C, align(64))]
 pub(crate) struct Page {
-    /// The owner's lists, on a line of their own.
-    owned: CacheLine<OwnerLists>,
+    /// The owner's lists and slot, on a line of their own.
+    owned: CacheLine<OwnerFields>,
     /// Blocks freed by other threads, pushed with a CAS and taken whole by the owner; on a
     /// line of its own.
     thread_free: CacheLine<AtomicPtr<Header>>,
@@ -70,8 +70,9 @@ pub(crate) struct Page {
     damaged: crate::sync::AtomicBool,
 }
 
-/// The fields only a page's owner touches, written on every pop and local free.
-struct OwnerLists {
+/// The fields only a page's owner touches: its lists and count, written on every pop and
+/// local free, and its slot in the owner's class list.
+struct OwnerFields {
     /// Blocks ready to hand out.
     free: AtomicPtr<Header>,
     /// Blocks the owner freed since the last refill.
@@ -164,7 +165,7 @@ unsafe fn list_len(mut block: *mut Header) -> usize {
 impl Page {
     pub(crate) fn new(area: usize) -> Page {
         Page {
-            owned: CacheLine(OwnerLists {
+            owned: CacheLine(OwnerFields {
                 free: AtomicPtr::new(ptr::null_mut()),
                 local_free: AtomicPtr::new(ptr::null_mut()),
                 used: AtomicUsize::new(0),

@@ -136,8 +136,7 @@ impl Reclaim {
     /// Takes a free page, a committed one if there is any, committing it (in the accounts)
     /// otherwise.
     pub(crate) fn take_page(&self) -> Option<&Page> {
-        if let Some(page) = self.pool.pop() {
-            self.pool_pages.fetch_sub(1, Ordering::Relaxed);
+        if let Some(page) = self.pop_pooled() {
             return Some(page);
         }
         let page = self.cold.pop()?;
@@ -219,12 +218,18 @@ impl Reclaim {
     /// no idle memory for a thread that may never come (see `ThreadCache::leave_heap_idle`).
     pub(crate) fn trim_pool(&self, keep: usize) {
         while self.pool_pages.load(Ordering::Relaxed) > keep {
-            let Some(page) = self.pool.pop() else {
+            let Some(page) = self.pop_pooled() else {
                 break;
             };
-            self.pool_pages.fetch_sub(1, Ordering::Relaxed);
             self.push_cold(page);
         }
+    }
+
+    /// Pops a committed page off the pool, keeping its count.
+    fn pop_pooled(&self) -> Option<&Page> {
+        let page = self.pool.pop()?;
+        self.pool_pages.fetch_sub(1, Ordering::Relaxed);
+        Some(page)
     }
 
     /// Decommits an empty page that no one holds and puts it on the cold stack.

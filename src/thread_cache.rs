@@ -1197,8 +1197,9 @@ impl ThreadCache {
         }
     }
 
-    /// Thread exit, when other threads exited at the same time and this one left last: catches
-    /// up again, yielding first so that they finish unregistering.
+    /// Thread exit, when other threads exited at the same time and this one left last, or when
+    /// it is the last cache on the heap (`leave_heap_idle`): catches up again, yielding first
+    /// so that they finish unregistering.
     ///
     /// Threads that exit together hold the epoch back for each other: each one's catch-up in
     /// `abandon_all` can find the other pinned (in its own page loop or catch-up) and give up,
@@ -1289,7 +1290,8 @@ impl Drop for ThreadCache {
         let last = self.shared.exiting.fetch_sub(1, Relaxed) == 1;
         let joined_later = self.shared.exits_begun.load(Relaxed) != begun + 1;
         let attached = self.shared.attached.fetch_sub(1, Relaxed) - 1;
-        // A heap being dropped is torn down next: nothing to tidy.
+        // A heap being dropped is torn down next: nothing to tidy. Relaxed: a flag seen late
+        // only tidies a heap about to go.
         if attached == 0 && !self.shared.dropped.load(Ordering::Relaxed) {
             self.leave_heap_idle();
         } else if last && (others_exiting || joined_later) {
