@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Shapes: `lone-root` (a 64 B root allocated and freed), `propset` (a 320 B root with 20
-//! linked strings of 24-86 B, freed), `link` (links of 24-86 B to one root, 1,000 at a time).
+//! linked strings of 24-86 B, freed), `link` (links of 24-86 B to one root, 1,000 at a time),
+//! `window` (roots of 16-1,024 B with 1-8 links of 16-256 B, each freed 16 roots later, as
+//! the lab's churn does: every root starts a chunk and the thread lets go of an older one).
 //! Divide the instructions callgrind reports by the printed block count (warm-up included)
 //! to get instructions per block.
 
@@ -20,12 +22,15 @@ fn main() {
         .next()
         .map_or(100_000, |n| n.parse().expect("a round count"));
     let heap = Heap::new();
+    if shape == "window" {
+        return window(&heap, rounds);
+    }
     // Links per round; `None` for a lone root.
     let links = match shape.as_str() {
         "lone-root" => None,
         "propset" => Some(20),
         "link" => Some(1_000),
-        other => panic!("unknown shape {other}: lone-root, propset or link"),
+        other => panic!("unknown shape {other}: lone-root, propset, link or window"),
     };
     let mut size = 24;
     let mut blocks = 0u64;
@@ -46,5 +51,40 @@ fn main() {
         blocks += 1 + links.unwrap_or(0);
     }
     println!("{shape}: {blocks} blocks");
+    assert_eq!(heap.stats().live_blocks, 0);
+}
+
+/// The `window` shape: `rounds` roots, each freed once 16 newer ones were built.
+fn window(heap: &Heap, rounds: u64) {
+    const WINDOW: usize = 16;
+    let mut live = std::collections::VecDeque::with_capacity(WINDOW + 1);
+    let mut x = 1u64; // a small LCG for sizes and link counts
+    let mut next = |n: u64| {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (x >> 33) % n
+    };
+    let mut blocks = 0u64;
+    for _ in 0..rounds {
+        let root = heap
+            .allocate_buffer(16 + next(1_009) as usize)
+            .expect("memory");
+        let links = 1 + next(8);
+        for _ in 0..links {
+            let size = 16 + next(241) as usize;
+            black_box(heap.allocate_more(size, root.as_ptr()).expect("memory"));
+        }
+        blocks += 1 + links;
+        live.push_back(root);
+        if live.len() > WINDOW {
+            let old = live.pop_front().expect("a root");
+            // SAFETY: `old` is live and neither it nor its chain is used afterwards.
+            unsafe { heap.free_buffer(black_box(old.as_ptr())) };
+        }
+    }
+    for root in live {
+        // SAFETY: as above.
+        unsafe { heap.free_buffer(root.as_ptr()) };
+    }
+    println!("window: {blocks} blocks");
     assert_eq!(heap.stats().live_blocks, 0);
 }

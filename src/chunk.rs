@@ -182,13 +182,16 @@ pub(crate) fn mark_start(payload: usize, starts: usize, block: usize) {
 
 /// Clears the start bitmap (`starts..end`) of a chunk the caller owns and has not published.
 pub(crate) fn clear_starts(starts: usize, end: usize) {
-    for word in (starts..end).step_by(8) {
+    // A plain loop: `step_by` cost about 20 instructions per chunk started.
+    let mut word = starts;
+    while word < end {
         // SAFETY: the bitmap lies inside the chunk's mapped memory, 8-aligned, and the chunk
         // is ours alone until it is published. (Written as new atomics, not stored to: under
         // loom an atomic is an object that must be created.)
         unsafe {
             std::ptr::with_exposed_provenance_mut::<AtomicU64>(word).write(AtomicU64::new(0))
         };
+        word += 8;
     }
 }
 

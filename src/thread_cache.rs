@@ -294,11 +294,6 @@ impl Carver {
 /// Roots a thread keeps a chunk for at once.
 const CARVERS: usize = if cfg!(loom) { 2 } else { 4 };
 
-/// Bytes a chunk of `block_size` (header included) holds for carved blocks.
-fn payload_of(block_size: usize) -> usize {
-    chunk::layout(block_size - HEADER_SIZE).starts - PROLOGUE_SIZE
-}
-
 /// The largest first chunk: long chains grow theirs from here.
 const FIRST_CHUNK_MAX: usize = if CHUNK_MAX_BLOCK < 4 << 10 {
     CHUNK_MAX_BLOCK
@@ -512,15 +507,21 @@ impl ThreadCache {
             self.carvers.rotate_right(1);
             (first_chunk_block(self.typical_root_bytes), 0)
         };
-        while payload_of(block_size) < need {
+        // The layout is worked out once (a few dozen instructions) unless the class rounds up.
+        let mut layout = chunk::layout(block_size - HEADER_SIZE);
+        // Bytes the chunk holds for carved blocks: between the prologue and the bitmap.
+        while layout.starts - PROLOGUE_SIZE < need {
             block_size *= 2;
+            layout = chunk::layout(block_size - HEADER_SIZE);
         }
         let (chunk, class, usable) = self.alloc_block(block_size - HEADER_SIZE)?;
+        if usable != block_size - HEADER_SIZE {
+            layout = chunk::layout(usable);
+        }
         chunk.start_chunk(class);
         chunk::Prologue::start(chunk);
         let prologue = chunk::prologue(chunk);
         let base = chunk.user() as usize;
-        let layout = chunk::layout(usable);
         let (payload, end) = (base + layout.payload, base + layout.starts);
         chunk::clear_starts(end, base + usable);
         chunk::mark_start(payload, end, payload);
