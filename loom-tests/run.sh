@@ -2,16 +2,17 @@
 # Runs every loom model of the engine; exits non-zero if any fails.
 #   loom-tests/run.sh           the models, on the real protocol
 #   loom-tests/run.sh --fault   the models with each deliberate protocol fault; each must be caught
-#   loom-tests/run.sh --fault NAME   one fault (open_close, chunk_handoff)
+#   loom-tests/run.sh --fault NAME   one fault (open_close, chunk_handoff, page_stack_tag)
 set -euo pipefail
 cd "$(dirname "$0")"
 self="$PWD/$(basename "$0")" # for the per-fault runs below, from here
 
 fault=""
+only="" # a fault that only some models exercise runs just those (name contains $only)
 if [ "${1:-}" = "--fault" ]; then
   if [ -z "${2:-}" ]; then
     # Every planted fault in turn; each must be caught.
-    for f in open_close chunk_handoff; do "$self" --fault "$f" || exit 1; done
+    for f in open_close chunk_handoff page_stack_tag; do "$self" --fault "$f" || exit 1; done
     exit 0
   fi
   fault="$2"
@@ -22,6 +23,10 @@ if [ "${1:-}" = "--fault" ]; then
     chunk_handoff)
       echo "loom: fault injected: a root's freer gives back every chunk, even one its carver still holds"
       echo "      (mapialloc_fault=\"$fault\"); the chunk handed back twice must be caught." ;;
+    page_stack_tag)
+      echo "loom: fault injected: a page stack's pop does not bump the head's tag"
+      echo "      (mapialloc_fault=\"$fault\"); a page popped twice (ABA) must be caught."
+      only="page_stack" ;;
     *) echo "loom: unknown fault $fault" >&2; exit 2 ;;
   esac
 fi
@@ -35,6 +40,7 @@ target="target/${fault:-clean}"
 cargo build --release --tests --target-dir "$target" -q
 status=0
 for model in $(cargo test --release --target-dir "$target" -q -- --list 2>/dev/null | sed -n 's/: test$//p'); do
+  if [ -n "$only" ] && [[ "$model" != *"$only"* ]]; then continue; fi
   start=$(date +%s%N)
   if cargo test --release --target-dir "$target" -q -- --exact "$model" >"$target/$model.log" 2>&1; then
     result=ok

@@ -96,6 +96,35 @@ pub mod testing {
         heap.shared().stats.live_chunks()
     }
 
+    /// A page stack (the pool's and the abandoned pages' Treiber stack) over `pages` page
+    /// descriptors of its own, which callers name by index: for loom models of its ABA tag.
+    pub struct PageStackModel {
+        stack: crate::reclaim::PageStack,
+        pages: Box<[crate::page::Page]>,
+    }
+
+    impl PageStackModel {
+        /// An empty stack and `pages` descriptors, none of them on it.
+        pub fn new(pages: usize) -> PageStackModel {
+            PageStackModel {
+                stack: crate::reclaim::PageStack::new(),
+                pages: (0..pages).map(|_| crate::page::Page::new(0)).collect(),
+            }
+        }
+
+        /// Pushes page `index`, which the caller holds (popped, or never pushed).
+        pub fn push(&self, index: usize) {
+            self.stack.push(&self.pages[index]);
+        }
+
+        /// Pops a page and returns its index; the caller holds it from then on.
+        pub fn pop(&self) -> Option<usize> {
+            let page = self.stack.pop()?;
+            let offset = page as *const crate::page::Page as usize - self.pages.as_ptr() as usize;
+            Some(offset / std::mem::size_of::<crate::page::Page>())
+        }
+    }
+
     /// Pages of `heap` whose own count says a block is still out. 0 once every block was
     /// freed and every thread let go (`collect`, `release_thread_cache`); a page left with a
     /// count lost a block or miscounted one (say, a drained `thread_free`).

@@ -86,7 +86,12 @@ impl PageStack {
             // SAFETY: page descriptors live as long as the heap. If `top` was popped and
             // pushed again meanwhile, the tag changed and the CAS below fails.
             let next = unsafe { (*top).next.load(Ordering::Relaxed) } as usize;
+            #[cfg(not(mapialloc_fault = "page_stack_tag"))]
             let popped = (head & !ADDRESS).wrapping_add(1 << TAG_SHIFT) | next;
+            // Deliberate fault for `loom-tests/run.sh --fault page_stack_tag`: no tag bump, so
+            // a pop that read a stale head can succeed (ABA).
+            #[cfg(mapialloc_fault = "page_stack_tag")]
+            let popped = head & !ADDRESS | next;
             // Acquire: pairs with the Release CAS in `push`.
             match self.head.compare_exchange_weak(
                 head,

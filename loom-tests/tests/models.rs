@@ -8,6 +8,7 @@
 #![cfg(loom)]
 
 use loom::thread;
+use mapialloc::testing::PageStackModel;
 use mapialloc::{FreeOutcome, Heap, Scode};
 use std::sync::Arc;
 
@@ -373,6 +374,35 @@ fn two_threads_free_remotely_to_one_page() {
             remote.join().unwrap();
         }
         free_distinct_and_finish(heap, [roots[2]].into_iter().chain(more));
+    });
+}
+
+/// Model 11: the page stacks' ABA tag (the pool and the abandoned pages are such stacks).
+/// Pages 0 and 1 are stacked, 0 on top. One thread pops; meanwhile another pops both and
+/// pushes page 0 back, so the first may find page 0 on top again with nothing below it. Each
+/// page must end up held once: never popped twice, never lost.
+#[test]
+fn page_stack_pop_races_pop_pop_push() {
+    model(|| {
+        let stack = Arc::new(PageStackModel::new(2));
+        stack.push(1);
+        stack.push(0);
+        let racer = {
+            let stack = stack.clone();
+            thread::spawn(move || stack.pop())
+        };
+        let first = stack.pop();
+        let second = stack.pop();
+        if let Some(page) = first {
+            stack.push(page);
+        }
+        let theirs = racer.join().unwrap();
+        let mut held: Vec<usize> = theirs.into_iter().chain(second).collect();
+        while let Some(page) = stack.pop() {
+            held.push(page);
+        }
+        held.sort();
+        assert_eq!(held, [0, 1], "every page held exactly once");
     });
 }
 
