@@ -12,6 +12,7 @@
 //! Divide the instructions callgrind reports by the printed block count (warm-up included)
 //! to get instructions per block.
 
+use mapialloc::lab::rng::SplitMix64;
 use mapialloc::Heap;
 use std::hint::black_box;
 
@@ -58,22 +59,17 @@ fn main() {
 fn window(heap: &Heap, rounds: u64) {
     const WINDOW: usize = 16;
     let mut live = std::collections::VecDeque::with_capacity(WINDOW + 1);
-    let mut x = 1u64; // a small LCG for sizes and link counts
-    let mut next = |n: u64| {
-        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        (x >> 33) % n
-    };
+    // The lab's generator, as its churn workload draws its sizes.
+    let mut rng = SplitMix64::new(1);
     let mut blocks = 0u64;
     for _ in 0..rounds {
-        let root = heap
-            .allocate_buffer(16 + next(1_009) as usize)
-            .expect("memory");
-        let links = 1 + next(8);
+        let root = heap.allocate_buffer(rng.range(16, 1_024)).expect("memory");
+        let links = rng.range(1, 8);
         for _ in 0..links {
-            let size = 16 + next(241) as usize;
+            let size = rng.range(16, 256);
             black_box(heap.allocate_more(size, root.as_ptr()).expect("memory"));
         }
-        blocks += 1 + links;
+        blocks += 1 + links as u64;
         live.push_back(root);
         if live.len() > WINDOW {
             let old = live.pop_front().expect("a root");

@@ -146,6 +146,14 @@ pub(crate) struct Layout {
     pub(crate) starts: usize,
 }
 
+impl Layout {
+    /// Bytes the chunk holds for carved blocks.
+    #[inline]
+    pub(crate) const fn capacity(&self) -> usize {
+        self.starts - self.payload
+    }
+}
+
 /// The layout of a chunk of `usable` user bytes.
 #[inline]
 pub(crate) const fn layout(usable: usize) -> Layout {

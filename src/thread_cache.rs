@@ -509,8 +509,7 @@ impl ThreadCache {
         };
         // The layout is worked out once (a few dozen instructions) unless the class rounds up.
         let mut layout = chunk::layout(block_size - HEADER_SIZE);
-        // Bytes the chunk holds for carved blocks: between the prologue and the bitmap.
-        while layout.starts - PROLOGUE_SIZE < need {
+        while layout.capacity() < need {
             block_size *= 2;
             layout = chunk::layout(block_size - HEADER_SIZE);
         }
