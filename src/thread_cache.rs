@@ -33,11 +33,12 @@ use crate::chunk::{
 use crate::page::{link_blocks, Page};
 use crate::reclaim::Reclaim;
 use crate::scode::Scode;
-use crate::segment::{LargeSpan, Region, Registry, SmallSegment};
+use crate::segment::{LargeSpan, Region, Registry, SmallSegment, SEGMENT_SHIFT};
 use crate::size_class::{block_size, class_of, usable_size, ALIGN, NUM_CLASSES};
 use crate::stats::{Counter, StatsSlot, StatsSlots};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
 use crossbeam_epoch::{Collector, Guard, LocalHandle};
+use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
@@ -324,6 +325,10 @@ pub(crate) struct ThreadCache {
     carvers: [Carver; CARVERS],
     /// Carved bytes a root took from this thread, on average (recent roots weigh most).
     typical_root_bytes: usize,
+    /// The small segment this thread last looked up, with its key (`addr >> SEGMENT_SHIFT`;
+    /// `usize::MAX` for none): a free or link on the same segment skips the registry's three
+    /// dependent loads. Sound because a small segment stays registered until teardown.
+    last_segment: Cell<(usize, *const SmallSegment)>,
     /// This call retired a page or span through the epoch: let the epoch catch up before
     /// returning, so the memory goes back now, not at some later call (maybe never).
     retired: bool,
@@ -344,6 +349,7 @@ impl ThreadCache {
             stats: NonNull::from(shared.stats.claim()),
             carvers: [Carver::EMPTY; CARVERS],
             typical_root_bytes: 0,
+            last_segment: Cell::new((usize::MAX, ptr::null())),
             retired: false,
             #[cfg(feature = "hardened")]
             quarantine: Vec::with_capacity(QUARANTINE_BATCH),
@@ -860,7 +866,7 @@ impl ThreadCache {
     #[inline]
     fn home_of(&self, block: &Header) -> Home {
         let addr = block as *const Header as usize;
-        match self.shared.registry.lookup(addr) {
+        match self.region_of(addr) {
             Some(Region::Small(segment)) => Home::Page(extend(segment.page_of(addr))),
             Some(Region::Large(span)) => Home::Span(span),
             None => unreachable!("a live block is always in the registry"),
@@ -1060,6 +1066,26 @@ impl ThreadCache {
         self.flush_epoch(CATCH_UP_MIN_FLUSHES);
     }
 
+    /// What the registry knows about `addr`, through the one-entry segment cache.
+    #[inline(always)]
+    fn region_of(&self, addr: usize) -> Option<Region<'static>> {
+        let key = addr >> SEGMENT_SHIFT;
+        let (last_key, last) = self.last_segment.get();
+        if key == last_key {
+            // SAFETY: `last` was registered as the small segment of `key`, and small segments
+            // stay registered and mapped until the heap's teardown, which waits for every
+            // cache (each holds the `Shared`).
+            return Some(Region::Small(unsafe { &*last }));
+        }
+        Some(match self.shared.registry.lookup(addr)? {
+            Region::Small(segment) => {
+                self.last_segment.set((key, segment));
+                Region::Small(extend(segment))
+            }
+            Region::Large(span) => Region::Large(span),
+        })
+    }
+
     /// Finds the block whose user pointer is `user` and reads its `meta`, without reading
     /// anything the registry does not vouch for.
     ///
@@ -1071,7 +1097,7 @@ impl ThreadCache {
         if user % ALIGN != 0 {
             return None;
         }
-        match self.shared.registry.lookup(user)? {
+        match self.region_of(user)? {
             Region::Small(segment) => {
                 let page = extend(segment.page_of(user));
                 // Only this thread hands its own pages on, so `owned` cannot change under us.
