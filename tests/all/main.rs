@@ -9,6 +9,7 @@
 //! - [`memory`]: freeing everything gives the memory back to the OS.
 //! - [`root`]: the RAII wrapper [`mapialloc::Root`].
 //! - [`live`]: [`mapialloc::Heap::live_roots`], the leak report's snapshot.
+//! - [`lookup`]: roots spread over more segments than a thread's segment cache holds.
 //! - [`chunks`]: small linked blocks carved from per-root chunks: their SPEC rows, growth,
 //!   roots linked in turn, frees on another thread, and a carver racing its root's free.
 //!
@@ -19,6 +20,7 @@
 mod chunks;
 mod layout;
 mod live;
+mod lookup;
 mod memory;
 mod props;
 mod root;
