@@ -41,6 +41,7 @@
 //! allocator) reads `FREED`. A sealed chunk is left unmarked: no carver refers to it.
 
 use crate::chain::Header;
+use crate::size_class::{usable_size, NUM_CLASSES};
 use crate::sync::{AtomicU64, Ordering};
 
 /// The largest request carved from a chunk; larger linked blocks are blocks of their own.
@@ -163,6 +164,27 @@ pub(crate) const fn layout(usable: usize) -> Layout {
         payload: PROLOGUE_SIZE,
         starts: usable - bitmap,
     }
+}
+
+/// Chunk layouts by size class, worked out at compile time: a chunk start indexes this
+/// instead of dividing.
+const LAYOUTS: [Layout; NUM_CLASSES] = {
+    let mut layouts = [Layout {
+        payload: 0,
+        starts: 0,
+    }; NUM_CLASSES];
+    let mut class = 0;
+    while class < NUM_CLASSES {
+        layouts[class] = layout(usable_size(class));
+        class += 1;
+    }
+    layouts
+};
+
+/// The layout of a chunk that is a block of `class`.
+#[inline]
+pub(crate) const fn layout_of_class(class: usize) -> Layout {
+    LAYOUTS[class]
 }
 
 /// Carved blocks start at multiples of this from the payload.

@@ -372,6 +372,12 @@ impl Page {
     /// Returns whether `free` has a block now.
     #[cold]
     pub(crate) fn refill(&self) -> bool {
+        self.refill_freed() || self.refill_fresh()
+    }
+
+    /// Owner: refills `free` from `local_free` or `thread_free` (blocks freed since it ran
+    /// dry), in that order. Returns whether `free` has a block now.
+    pub(crate) fn refill_freed(&self) -> bool {
         #[cfg(feature = "hardened")]
         if self.is_damaged() {
             return false;
@@ -386,9 +392,29 @@ impl Page {
             self.owned.free.store(local, Ordering::Relaxed);
             return true;
         }
-        if self.drain_thread_free() > 0 {
-            return true;
+        self.drain_thread_free() > 0
+    }
+
+    /// Owner: blocks a refill from `local_free` and `thread_free` would bring, with those
+    /// already on `free` (a snapshot: other threads may add to `thread_free`).
+    pub(crate) fn reusable(&self) -> usize {
+        let (_, remote) = unpack_thread_free(self.thread_free.load(Ordering::Relaxed));
+        self.reserved.load(Ordering::Relaxed) - self.owned.used.load(Ordering::Relaxed) + remote
+    }
+
+    /// Owner: blocks carved so far (handed out, free, or waiting on a list).
+    pub(crate) fn carved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// Owner: refills `free` with blocks never used before, if the page has room. Returns
+    /// whether `free` has a block now.
+    pub(crate) fn refill_fresh(&self) -> bool {
+        #[cfg(feature = "hardened")]
+        if self.is_damaged() {
+            return false;
         }
+        debug_assert!(self.owned.free.load(Ordering::Relaxed).is_null());
         self.carve()
     }
 

@@ -111,6 +111,11 @@ pub(crate) fn class_of(size: usize) -> Option<usize> {
     Some(table::class_of_block(block))
 }
 
+/// The class of a block of `block` bytes (header included; `block <= MAX_BLOCK_SIZE`).
+pub(crate) const fn class_of_block(block: usize) -> usize {
+    table::class_of_block(block)
+}
+
 /// Usable bytes of a block of class `class`.
 #[inline]
 pub(crate) const fn usable_size(class: usize) -> usize {

@@ -264,6 +264,35 @@ fn chunks_grow_with_a_long_chain() {
     sentinel.free_last(&heap, Counts::default());
 }
 
+/// A provider filling four property sets in turn (as many roots as a thread keeps chunks
+/// for) carves each set's strings from chunks of its own, which grow with the chain:
+/// switching roots never lets go of a chunk that still has room (that would take a chunk per
+/// link here, 800).
+#[test]
+fn four_roots_linked_in_turn_keep_their_chunks() {
+    let heap = Heap::new();
+    let links = scaled(200, 20);
+    let mut roots: Vec<Chain<'_>> = (0..4)
+        .map(|r| Chain::new(&heap, 64, tag_of(r, 0)))
+        .collect();
+    for i in 0..links {
+        for (r, chain) in roots.iter_mut().enumerate() {
+            chain.link(24, tag_of(r, i + 1));
+        }
+    }
+    roots.iter().for_each(Chain::verify);
+    assert_disjoint(roots.iter().flat_map(Chain::blocks));
+    // 6.4 KB carved per root: chunks of 256, 256, 512, 1,024, 2,048 and 4,096 bytes.
+    let chunks = live_chunks(&heap);
+    let bound = if CARVING { 4..=4 * 8 } else { 0..=0 };
+    assert!(
+        bound.contains(&chunks),
+        "{chunks} chunks for 4 roots of {links} links each, linked in turn"
+    );
+    free_all(roots);
+    assert_eq!(live_chunks(&heap), 0);
+}
+
 /// One thread links to three roots in turn, so its carver changes roots at every call; one
 /// root is freed in the middle, a fourth (of the same size, so often at the same address)
 /// takes its turn, and the rest are freed in mixed order. No block lands on another, every
