@@ -692,7 +692,7 @@ impl ThreadCache {
     /// few blocks back since it ran dry is passed over while a later one has a worthwhile
     /// share of its blocks back ([`REFILL_SHARE`]). Plain first fit took whatever the first
     /// pages had collected, often a block or two, and came back at once: churn at 1 thread
-    /// ran 13% slower and spent 6% of its instructions here (now 2%). Next fit (from the
+    /// spent 6% of its instructions here (now 2%) and ran 8-12% slower. Next fit (from the
     /// current page on) was as fast but spread the thread over all its pages, so fewer
     /// emptied: churn at 16 threads peaked 5-8% higher. Memory never used is taken only when
     /// no page has any block back.
