@@ -225,11 +225,11 @@ pub(crate) fn clear_starts(starts: usize, end: usize) {
     }
 }
 
-/// Whether `user` is where a carved block of `chunk` (of `usable` user bytes) starts: a
+/// Whether `user` is where a carved block of `chunk` (a block of `class`) starts: a
 /// snapshot, for classifying misused pointers.
-pub(crate) fn is_block_start(chunk: &Header, usable: usize, user: usize) -> bool {
+pub(crate) fn is_block_start(chunk: &Header, class: usize, user: usize) -> bool {
     let base = chunk.user() as usize;
-    let Layout { payload, starts } = layout(usable);
+    let Layout { payload, starts } = layout_of_class(class);
     let (payload, starts) = (base + payload, base + starts);
     if user < payload || user >= starts || (user - payload) % GRANULE != 0 {
         return false;

@@ -398,12 +398,16 @@ impl Page {
     /// Owner: blocks a refill from `local_free` and `thread_free` would bring, with those
     /// already on `free` (a snapshot: other threads may add to `thread_free`).
     pub(crate) fn reusable(&self) -> usize {
+        // Relaxed, all three: `reserved` and `used` are the owner's own; the `thread_free`
+        // count only weighs the page, and the blocks are taken (if at all) by the Acquire swap
+        // in `drain_thread_free`, which pairs with `push_remote`'s Release CAS.
         let (_, remote) = unpack_thread_free(self.thread_free.load(Ordering::Relaxed));
         self.reserved.load(Ordering::Relaxed) - self.owned.used.load(Ordering::Relaxed) + remote
     }
 
     /// Owner: blocks carved so far (handed out, free, or waiting on a list).
     pub(crate) fn carved(&self) -> usize {
+        // Relaxed: only the owner writes `reserved`.
         self.reserved.load(Ordering::Relaxed)
     }
 

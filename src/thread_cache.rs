@@ -723,7 +723,7 @@ impl ThreadCache {
         for i in 0..self.pages[class].len() {
             // SAFETY: pages on our lists are descriptors of live segments.
             let page = unsafe { self.pages[class][i].as_ref() };
-            if let Some(block) = page.pop().or_else(|| refill(page).then(|| page.pop())?) {
+            if let Some(block) = take(page, &refill) {
                 self.current[class] = Some(NonNull::from(page));
                 return Some(extend(block));
             }
@@ -750,7 +750,7 @@ impl ThreadCache {
             }
             self.add_page(page);
             if page.class() == class {
-                if let Some(block) = take(page) {
+                if let Some(block) = take(page, Page::refill) {
                     return Ok((page, extend(block)));
                 }
             }
@@ -761,7 +761,7 @@ impl ThreadCache {
         };
         page.init(class, self.id);
         self.add_page(page);
-        let block = take(page).expect("a fresh page has a free block");
+        let block = take(page, Page::refill).expect("a fresh page has a free block");
         Ok((page, extend(block)))
     }
 
@@ -936,10 +936,9 @@ impl ThreadCache {
     fn classify_interior(&self, user: usize) -> FreeOutcome {
         if let Some(Region::Small(segment)) = self.shared.registry.lookup(user) {
             if let Some((chunk, meta)) = segment.page_of(user).block_containing(user) {
-                let usable = usable_size(meta.class() as usize);
                 if meta.kind() == Some(Kind::Linked)
                     && meta.is_chunk()
-                    && chunk::is_block_start(chunk, usable, user)
+                    && chunk::is_block_start(chunk, meta.class() as usize, user)
                 {
                     return FreeOutcome::LinkedBlock;
                 }
@@ -1447,11 +1446,10 @@ impl<'a> RemoteBatch<'a> {
     }
 }
 
-/// A free block of `page`, popping or refilling.
+/// A free block of `page`: popped, or popped after `refill` refilled it.
 #[inline]
-fn take(page: &Page) -> Option<&Header> {
-    page.pop()
-        .or_else(|| if page.refill() { page.pop() } else { None })
+fn take(page: &Page, refill: impl Fn(&Page) -> bool) -> Option<&Header> {
+    page.pop().or_else(|| refill(page).then(|| page.pop())?)
 }
 
 #[inline]
