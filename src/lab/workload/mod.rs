@@ -105,8 +105,9 @@ pub enum WorkloadKind {
     SharedRoot,
     /// A producer builds roots with 6 linked blocks, a consumer frees them, over a bounded channel.
     Pipeline,
-    /// Larson-like: each thread replaces random roots of a live window, sometimes handing the
-    /// old root to another thread to free.
+    /// Larson-like: each thread replaces random roots of a live window; one old root in eight
+    /// goes into a shared exchange, and the thread frees the root parked there before (most
+    /// often another thread's).
     Churn,
     /// 1,000 short-lived threads each allocate 64 roots that the main thread frees.
     ThreadChurn,

@@ -8,7 +8,10 @@ use crate::lab::strategy::Strategy;
 use crossbeam_utils::Backoff;
 use std::collections::VecDeque;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr,
+    Ordering::{AcqRel, Relaxed},
+};
 use std::sync::{mpsc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -39,9 +42,13 @@ const CHURN_WINDOW: usize = 1_000;
 const CHURN_ROOT_SIZES: std::ops::RangeInclusive<usize> = 16..=1024;
 const CHURN_LINKS: std::ops::RangeInclusive<usize> = 0..=8;
 const CHURN_LINK_SIZES: std::ops::RangeInclusive<usize> = 16..=256;
-/// One replaced root in this many goes to another thread to be freed there.
+/// One replaced root in this many is parked in the exchange, to be freed by whichever thread
+/// parks a root in its slot next.
 const CHURN_HANDOFF_ONE_IN: u64 = 8;
-/// Churn steps between looks at the clock and the inbox.
+/// Exchange slots per churn thread: roots parked there stay live, so the live set is the
+/// windows plus at most this many roots per thread.
+const CHURN_EXCHANGE_SLOTS_PER_THREAD: usize = 64;
+/// Churn steps between looks at the clock.
 const CHURN_STEPS_PER_CHECK: usize = 256;
 
 /// Threads started per `thread-churn` round, roots each allocates, and their sizes.
@@ -186,21 +193,22 @@ pub(super) fn shared_root<S: Strategy>(s: &S, threads: usize, budget: Duration) 
     })
 }
 
-/// `churn`: `threads` threads each keep a window of live roots and replace a random one per
-/// step; one replaced root in eight is handed to another thread, which frees it.
+/// `churn`: larson-like. Each thread replaces random roots of its live window; one replaced
+/// root in [`CHURN_HANDOFF_ONE_IN`] is parked in a shared [`Exchange`] and the root parked
+/// in that slot before is freed instead, by this thread, so most such frees are of roots
+/// another thread allocated.
 pub(super) fn churn<S: Strategy>(s: &S, threads: usize, budget: Duration) -> Sample {
-    let (outboxes, inboxes): (Vec<_>, Vec<_>) =
-        (0..threads).map(|_| mpsc::channel::<SendRoot>()).unzip();
+    let exchange = Exchange::new(if threads > 1 {
+        threads * CHURN_EXCHANGE_SLOTS_PER_THREAD
+    } else {
+        0
+    });
     let barrier = Barrier::new(threads + 1);
-    let (blocks, start, inboxes) = thread::scope(|scope| {
-        let workers: Vec<_> = inboxes
-            .into_iter()
-            .enumerate()
-            .map(|(me, inbox)| {
+    let (blocks, start) = thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|me| {
                 let worker = ChurnWorker {
-                    me,
-                    inbox,
-                    outboxes: outboxes.clone(),
+                    exchange: &exchange,
                     rng: SplitMix64::new(100 + me as u64),
                 };
                 let barrier = &barrier;
@@ -209,18 +217,14 @@ pub(super) fn churn<S: Strategy>(s: &S, threads: usize, budget: Duration) -> Sam
             .collect();
         barrier.wait();
         let start = Instant::now();
-        let mut blocks = 0;
-        let mut inboxes = Vec::new();
-        for worker in workers {
-            let (worker_blocks, inbox) = worker.join().expect("churn thread panicked");
-            blocks += worker_blocks;
-            inboxes.push(inbox);
-        }
-        (blocks, start, inboxes)
+        let blocks = workers
+            .into_iter()
+            .map(|worker| worker.join().expect("churn thread panicked"))
+            .sum();
+        (blocks, start)
     });
-    // Roots handed over after their receiver had stopped looking.
-    drop(outboxes);
-    for SendRoot(r) in inboxes.iter().flat_map(mpsc::Receiver::try_iter) {
+    // The roots still parked when the workers stopped.
+    for r in exchange.drain() {
         free(s, r);
     }
     Sample {
@@ -229,23 +233,55 @@ pub(super) fn churn<S: Strategy>(s: &S, threads: usize, budget: Duration) -> Sam
     }
 }
 
-/// One churn thread: its window, its inbox, the others' inboxes.
-struct ChurnWorker {
-    me: usize,
-    inbox: mpsc::Receiver<SendRoot>,
-    outboxes: Vec<mpsc::Sender<SendRoot>>,
+/// Churn's hand-off between threads: a fixed array of slots, each empty or holding a root
+/// that some thread parked there. Parking swaps a root in and returns the previous occupant
+/// for the parking thread to free. Unlike a queue per thread, it holds the same number of
+/// roots whatever the strategy's speed and however the threads are scheduled, so every
+/// strategy's peak memory is measured over the same live set (README, "Reading the table").
+struct Exchange {
+    slots: Box<[AtomicPtr<u8>]>,
+}
+
+impl Exchange {
+    fn new(slots: usize) -> Self {
+        Exchange {
+            slots: (0..slots)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+        }
+    }
+
+    fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Parks `root` in `slot`; returns the root parked there before, if any.
+    fn park(&self, slot: usize, root: NonNull<u8>) -> Option<NonNull<u8>> {
+        // AcqRel: Release publishes the parking thread's writes to `root` (its header and
+        // chain) to whoever takes it out; Acquire makes the previous parker's writes to the
+        // returned root visible here before this thread frees it.
+        NonNull::new(self.slots[slot].swap(root.as_ptr(), AcqRel))
+    }
+
+    /// The roots still parked; runs after every parking thread was joined.
+    fn drain(self) -> impl Iterator<Item = NonNull<u8>> {
+        self.slots
+            .into_vec()
+            .into_iter()
+            .filter_map(|slot| NonNull::new(slot.into_inner()))
+    }
+}
+
+/// One churn thread: its window's generator and the shared exchange.
+struct ChurnWorker<'a> {
+    exchange: &'a Exchange,
     rng: SplitMix64,
 }
 
-impl ChurnWorker {
-    /// Churns until `budget` has passed since the start barrier; frees its window and
-    /// returns the blocks it allocated with its inbox (others may still send to it).
-    fn run<S: Strategy>(
-        mut self,
-        s: &S,
-        barrier: &Barrier,
-        budget: Duration,
-    ) -> (u64, mpsc::Receiver<SendRoot>) {
+impl ChurnWorker<'_> {
+    /// Churns until `budget` has passed since the start barrier, frees its window and
+    /// returns the blocks it allocated.
+    fn run<S: Strategy>(mut self, s: &S, barrier: &Barrier, budget: Duration) -> u64 {
         barrier.wait();
         let deadline = Instant::now() + budget;
         let mut blocks = 0;
@@ -258,9 +294,6 @@ impl ChurnWorker {
                 let old = std::mem::replace(&mut window[slot], self.new_root(s, &mut blocks));
                 self.retire(s, old);
             }
-            for SendRoot(r) in self.inbox.try_iter() {
-                free(s, r);
-            }
             if Instant::now() >= deadline {
                 break;
             }
@@ -268,7 +301,7 @@ impl ChurnWorker {
         for r in window {
             free(s, r);
         }
-        (blocks, self.inbox)
+        blocks
     }
 
     /// A root of 16-1024 B with 0-8 linked blocks; adds its blocks to `blocks`.
@@ -281,16 +314,17 @@ impl ChurnWorker {
         chain(s, &mut self.rng, size, links, CHURN_LINK_SIZES)
     }
 
-    /// Frees `old` here, or now and then sends it to another thread to free.
+    /// Frees `old`, or now and then parks it in the exchange and frees the root parked there
+    /// before.
     fn retire<S: Strategy>(&mut self, s: &S, old: NonNull<u8>) {
-        let others = self.outboxes.len() - 1;
-        if others > 0 && self.rng.one_in(CHURN_HANDOFF_ONE_IN) {
-            let to = (self.me + self.rng.range(1, others)) % self.outboxes.len();
-            self.outboxes[to]
-                .send(SendRoot(old))
-                .expect("inboxes outlive every worker");
+        let slots = self.exchange.slots();
+        let to_free = if slots > 0 && self.rng.one_in(CHURN_HANDOFF_ONE_IN) {
+            self.exchange.park(self.rng.range(0, slots - 1), old)
         } else {
-            free(s, old);
+            Some(old)
+        };
+        if let Some(r) = to_free {
+            free(s, r);
         }
     }
 }
@@ -331,6 +365,29 @@ pub(super) fn thread_churn<S: Strategy>(s: &S, budget: Duration) -> Sample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchange_hands_back_the_root_parked_before_and_drains_the_rest() {
+        let mut roots = [1u8, 2, 3];
+        let [a, b, c] = roots.each_mut().map(NonNull::from);
+        let exchange = Exchange::new(2);
+        assert_eq!(
+            exchange.park(0, a),
+            None,
+            "an empty slot gives nothing back"
+        );
+        assert_eq!(exchange.park(1, b), None);
+        assert_eq!(
+            exchange.park(0, c),
+            Some(a),
+            "the root parked in slot 0 before"
+        );
+        let mut left: Vec<_> = exchange.drain().collect();
+        left.sort();
+        let mut expected = vec![b, c];
+        expected.sort();
+        assert_eq!(left, expected, "each root parked once comes out once");
+    }
 
     #[test]
     fn receive_polls_then_waits_and_ends_when_the_sender_goes() {
