@@ -155,9 +155,9 @@ impl Layout {
     }
 }
 
-/// The layout of a chunk of `usable` user bytes.
-#[inline]
-pub(crate) const fn layout(usable: usize) -> Layout {
+/// The layout of a chunk of `usable` user bytes, for building `LAYOUTS` (callers read that,
+/// by class).
+const fn layout(usable: usize) -> Layout {
     let granules = (usable - PROLOGUE_SIZE) / GRANULE;
     let bitmap = (granules.div_ceil(64) * 8 + 15) & !15;
     Layout {
