@@ -26,7 +26,11 @@ use crossbeam_epoch::Guard;
 /// Idle pages the pool keeps committed (2 MiB in normal builds): enough that a thread that
 /// frees a long chain and builds the next, or short-lived threads that come and go, reuse
 /// committed pages instead of decommitting and faulting them in again each time (the lab:
-/// long-chain 29.7 -> 11.9 ns/block, thread-churn 2,540 -> 934 ns/block against 16 pages).
+/// long-chain 29.7 -> 11.9 ns/block, thread-churn 2,540 -> 934 ns/block against 16 pages;
+/// again on 2026-11-30, long-chain 8.3 ns/block against 21.3 with 16 pages and 33.6 with 8).
+/// It also bounds what a heap keeps committed once everything is freed: in the same runs
+/// churn at 16 threads ended 2.6 MiB above its start with 32 pages, 2.0 with 16 (README,
+/// "Where it stands on speed", has where the rest is).
 const POOL_COMMITTED_PAGES: usize = 32;
 
 /// The pop count kept in a stack head's top bits (descriptor addresses stay below 2^48).
