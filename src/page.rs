@@ -468,6 +468,8 @@ impl Page {
 
     /// Owner: carves a batch of never-used blocks onto `free` (see `CARVE_BYTES`).
     fn carve(&self) -> bool {
+        // Relaxed, both: the owner wrote them itself (`block_size` at `init`, `reserved` here);
+        // the Release store below is what validators pair with.
         let size = self.block_size.load(Ordering::Relaxed);
         let reserved = self.reserved.load(Ordering::Relaxed);
         let batch = (CARVE_BYTES / size).clamp(CARVE_MIN_BLOCKS, CARVE_MAX_BLOCKS);
@@ -487,6 +489,7 @@ impl Page {
             }
             next = block;
         }
+        // Relaxed: `free` is the owner's list; no other thread reads it.
         self.owned.free.store(next, Ordering::Relaxed);
         // Release: pairs with the Acquire in `block_at`: validators only read written headers.
         self.reserved.store(end, Ordering::Release);
